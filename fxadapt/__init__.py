@@ -1,0 +1,1 @@
+"""fxadapt: adapters for any PyTorch model, as an FX graph compiler."""

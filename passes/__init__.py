@@ -1,0 +1,1 @@
+"""Graph passes: rewrite (insert adapters) and optimization (merge LoRA, cleanup)."""

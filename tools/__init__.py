@@ -1,0 +1,1 @@
+"""User tools that read graphs and metadata: the graph visualizer."""
