@@ -1,1 +1,65 @@
-"""methods."""
+"""Adapter methods: one module each (config dataclass + graph emitter), registered here by name.
+
+Names and presets follow AdapterHub's ADAPTER_CONFIG_MAP; a config's `architecture` field
+(AdapterHub's adapter_config.json) picks the method module.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from ..errors import UserError
+from . import bottleneck, lora
+from .base import MethodConfig
+
+# Method modules by AdapterHub `architecture`. Bottleneck configs are saved without that field.
+BY_ARCHITECTURE: dict[str, ModuleType] = {"bottleneck": bottleneck, "lora": lora}
+
+# AdapterHub config names fxadapt does not implement yet: a clear message, not "unknown".
+PLANNED = {
+    "par_bn", "scaled_par_bn", "seq_bn_inv", "pfeiffer+inv", "double_seq_bn_inv", "houlsby+inv", "compacter",
+    "compacter++", "prefix_tuning", "prefix_tuning_flat", "prompt_tuning", "ia3", "loreft", "noreft", "direft",
+    "mam", "unipelt", "vera", "adapterplus", "mtl_lora",
+}
+
+
+def _presets() -> dict[str, tuple[ModuleType, dict[str, Any]]]:
+    table: dict[str, tuple[ModuleType, dict[str, Any]]] = {}
+    for module in BY_ARCHITECTURE.values():
+        for name, values in module.PRESETS.items():
+            table[name] = (module, values)
+        for alias, target in module.ALIASES.items():
+            table[alias] = (module, module.PRESETS[target])
+    return table
+
+
+PRESETS = _presets()
+
+
+def method_for_name(name: str, path: str) -> tuple[ModuleType, dict[str, Any]]:
+    """(method module, preset values) for a config name such as `seq_bn` or `lora`."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name in PLANNED:
+        raise UserError(f"{path}: adapter method {name!r} is not implemented in fxadapt yet; supported: "
+                        f"{', '.join(sorted(PRESETS))}.")
+    raise UserError(f"{path}: unknown adapter method {name!r}; supported: {', '.join(sorted(PRESETS))}.")
+
+
+def method_for_config(values: dict[str, Any], path: str) -> ModuleType:
+    """The method module of an AdapterHub config dict, by its `architecture` field."""
+    architecture = values.get("architecture") or "bottleneck"
+    if architecture in BY_ARCHITECTURE:
+        return BY_ARCHITECTURE[architecture]
+    if architecture in ("prefix_tuning", "prompt_tuning", "union", "reft"):
+        raise UserError(f"{path}.architecture: {architecture!r} adapters are not implemented in fxadapt yet.")
+    raise UserError(f"{path}.architecture: unknown adapter architecture {architecture!r}; expected one of "
+                    f"{', '.join(BY_ARCHITECTURE)}.")
+
+
+def build_config(module: ModuleType, preset: dict[str, Any], overrides: dict[str, Any], path: str) -> MethodConfig:
+    return module.Config.from_dict({**preset, **overrides}, path)
+
+
+__all__ = ["BY_ARCHITECTURE", "MethodConfig", "build_config", "method_for_config", "method_for_name"]

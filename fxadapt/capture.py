@@ -1,0 +1,204 @@
+"""Capture a model as an FX GraphModule with `torch.export` (non-strict, dynamic batch and sequence).
+
+Accepts a Hugging Face model directory or hub id (class from `config.architectures`, `task` overrides),
+a built-in tiny model (`builtin:tiny-bert`), or any `nn.Module` with example inputs. The result keeps
+every node's metadata (`nn_module_stack`, `val`), which the site finder and the visualizer read.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+from torch.export import Dim
+
+from . import builtin
+from .errors import UserError
+
+TASKS = {
+    "base": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "image-classification": "AutoModelForImageClassification",
+}
+
+
+@dataclass
+class Captured:
+    """A captured model: the graph plus everything needed to re-export and verify it."""
+
+    module: fx.GraphModule
+    input_names: list[str]
+    output_names: list[str]
+    example_inputs: dict[str, torch.Tensor]
+    dynamic_shapes: dict[str, dict[int, Any]]
+    source: str
+    config: Any = None
+    base_model_prefix: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def inputs(self, batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
+        """Deterministic inputs of another shape, for verification on a second shape."""
+        return make_inputs(self.input_names, self.config, batch, seq, seed=seed)
+
+
+def load_model(name: str, task: str | None = None) -> torch.nn.Module:
+    """Load a Hugging Face model (directory or hub id) or a built-in, in eval mode, without KV cache."""
+    if builtin.is_builtin(name):
+        return builtin.build(name)
+    import transformers
+
+    if task is not None and task not in TASKS:
+        raise UserError(f"unknown --task {task!r}; choose one of: {', '.join(TASKS)}.")
+    path = Path(name)
+    if not path.exists() and (name.startswith((".", "/")) or name.count("/") > 1):
+        raise UserError(f"model {name!r}: no such directory. Pass a Hugging Face model directory, a hub id, "
+                        "or a built-in such as builtin:tiny-bert.")
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model {name!r}: cannot read its config.json ({str(exc).splitlines()[0]}). Pass a local "
+                        "model directory (hub downloads need network access).") from None
+    config.use_cache = False
+    if task is not None:
+        cls = getattr(transformers, TASKS[task])
+    elif getattr(config, "architectures", None):
+        cls = getattr(transformers, config.architectures[0], None)
+        if cls is None:
+            raise UserError(f"model {name!r}: architecture {config.architectures[0]!r} is not in this "
+                            "transformers version; pass --task to choose a class.")
+    else:
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(name, config=config)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"model {name!r}: cannot load its weights ({str(exc).splitlines()[0]}).") from None
+    return model.eval()
+
+
+def _max_positions(config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            # RoBERTa-style models offset positions by padding_idx + 1.
+            offset = getattr(config, "pad_token_id", 0) or 0
+            return value - offset - 1 if getattr(config, "model_type", "") in ("roberta", "xlm-roberta") else value
+    return 512
+
+
+def input_names_for(model: torch.nn.Module) -> list[str]:
+    """The forward inputs fxadapt feeds: by the model's main input and encoder-decoder structure."""
+    params = inspect.signature(model.forward).parameters
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "pixel_values":
+        return ["pixel_values"]
+    names = ["input_ids", "attention_mask"]
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        names.append("decoder_input_ids")
+    return [n for n in names if n in params]
+
+
+def make_inputs(names: list[str], config: Any, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic example inputs; the last row of the attention mask is padded."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = getattr(config, "vocab_size", 100) or 100
+    inputs: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name in ("input_ids", "decoder_input_ids"):
+            inputs[name] = torch.randint(1, vocab, (batch, seq), generator=gen)
+        elif name == "attention_mask":
+            mask = torch.ones(batch, seq, dtype=torch.long)
+            mask[-1, seq - max(1, seq // 4):] = 0
+            inputs[name] = mask
+        elif name == "pixel_values":
+            size = getattr(config, "image_size", 32)
+            channels = getattr(config, "num_channels", 3)
+            inputs[name] = torch.randn(batch, channels, size, size, generator=gen)
+    return inputs
+
+
+def dynamic_shapes_for(names: list[str], config: Any) -> dict[str, dict[int, Any]]:
+    """Dynamic batch for every input; dynamic sequence (bounded by the model's positions) for token inputs."""
+    batch = Dim("batch", min=1, max=4096)
+    seq = Dim("seq", min=1, max=_max_positions(config))
+    shapes: dict[str, dict[int, Any]] = {}
+    for name in names:
+        if name in ("input_ids", "attention_mask"):
+            shapes[name] = {0: batch, 1: seq}
+        elif name == "decoder_input_ids":
+            shapes[name] = {0: batch, 1: Dim("decoder_seq", min=1, max=_max_positions(config))}
+        else:
+            shapes[name] = {0: batch}
+    return shapes
+
+
+def output_names_of(outputs: Any) -> list[str]:
+    """ModelOutput field names (or out0, out1, ... for tuples) of an eager forward's tensors."""
+    if isinstance(outputs, torch.Tensor):
+        return ["output"]
+    if hasattr(outputs, "keys"):
+        return [k for k, v in outputs.items() if isinstance(v, torch.Tensor)]
+    return [f"out{i}" for i, _ in enumerate(outputs)]
+
+
+def export_program(module: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                   dynamic_shapes: dict[str, dict[int, Any]]) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) with the given dynamic dims; errors name the model and say why."""
+    try:
+        return torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"torch.export could not capture {type(module).__name__}: {first}") from exc
+
+
+def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor] | None = None,
+            task: str | None = None, batch: int = 2, seq: int = 8) -> Captured:
+    """Capture a model (a name to load, or a module) as a GraphModule with dynamic dims."""
+    source = model if isinstance(model, str) else type(model).__name__
+    if isinstance(model, str):
+        model = load_model(model, task)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+    if example_inputs is None:
+        names = input_names_for(model)
+        example_inputs = make_inputs(names, config, batch, seq)
+        shapes = dynamic_shapes_for(names, config)
+    else:
+        names = list(example_inputs)
+        batch_dim = Dim("batch", min=1, max=4096)
+        shapes = {n: {0: batch_dim} for n in names}
+    model.eval()
+    with torch.no_grad():
+        eager = model(**example_inputs)
+    ep = export_program(model, example_inputs, shapes)
+    return Captured(
+        module=ep.module(),
+        input_names=names,
+        output_names=output_names_of(eager),
+        example_inputs=example_inputs,
+        dynamic_shapes=shapes,
+        source=source,
+        config=config,
+        base_model_prefix=getattr(model, "base_model_prefix", "") if hasattr(model, "base_model") and
+        model.base_model is not model else "",
+        info={"class": type(model).__name__},
+    )
+
+
+def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
+    """The output tensors in `output_names` order (ModelOutput values, tuple items or one tensor)."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if hasattr(outputs, "keys"):
+        return [v for v in outputs.values() if isinstance(v, torch.Tensor)]
+    return [v for v in outputs if isinstance(v, torch.Tensor)]

@@ -1,0 +1,127 @@
+"""AdapterHub checkpoints: `adapter_config.json` + `adapter.safetensors` or `pytorch_adapter.bin`.
+
+Keys are the reference model's parameter names, e.g. `encoder.layer.0.output.adapters.NAME.adapter_up.weight`;
+each insertion records the reference module of its site, so the mapping is one-to-one. A leading
+base-model prefix (`bert.`) is ignored on both sides, so a checkpoint saved from a model with a head
+loads into the bare encoder and vice versa. `.bin` files are read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import fx
+
+from ..errors import UserError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
+
+
+def read_config(directory: Path, path: str) -> dict[str, Any]:
+    """The method config dict stored in an AdapterHub checkpoint directory (with checkpoint facts under `_`)."""
+    data = read_checkpoint_json(directory, path)
+    if "peft_type" in data:
+        raise UserError(f"{path}: {directory} is a PEFT checkpoint; PEFT checkpoints are not supported by "
+                        "fxadapt yet (AdapterHub checkpoints are).")
+    config = data.get("config")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: {directory / CONFIG_FILE} has no \"config\" object; is it an AdapterHub "
+                        "adapter directory (written by save_adapter)?")
+    return dict(config)
+
+
+def read_checkpoint_json(directory: Path, path: str) -> dict[str, Any]:
+    file = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise UserError(f"{path}: checkpoint directory {directory} does not exist.")
+    if not file.is_file():
+        raise UserError(f"{path}: {directory} has no {CONFIG_FILE}; expected an AdapterHub adapter directory.")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: {file} is corrupt (line {exc.lineno}: {exc.msg}).") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {file} must hold a JSON object.")
+    return data
+
+
+def read_weights(directory: Path, path: str) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                return load_file(str(file))
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt files raise many types (pickle, safetensors, zip)
+            raise UserError(f"{path}: cannot read {file}: it is corrupt or not a weight file "
+                            f"({type(exc).__name__}).") from None
+    raise UserError(f"{path}: {directory} has no weights file ({' or '.join(WEIGHT_FILES)}).")
+
+
+def _strip(key: str, prefix: str) -> str:
+    return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+
+
+def load_into(gm: fx.GraphModule, placements: list, directory: Path, path: str, base_prefix: str,
+              model_hidden: int | None) -> int:
+    """Copy a checkpoint's tensors into the adapter modules of `placements`; returns tensors loaded."""
+    info = read_checkpoint_json(directory, path)
+    saved_name = info.get("name")
+    hidden = info.get("hidden_size")
+    if model_hidden is not None and isinstance(hidden, int) and hidden != model_hidden:
+        raise UserError(f"{path}: the checkpoint in {directory} was trained for hidden size {hidden}, but this "
+                        f"model's hidden size is {model_hidden}; use an adapter trained for this model.")
+    weights = {_strip(k, base_prefix): v for k, v in read_weights(directory, path).items()}
+    used: set[str] = set()
+    for placement in placements:
+        module = gm.get_submodule(placement.module_path)
+        prefix = _strip(placement.reference_module, base_prefix) + f".{saved_name or placement.adapter}."
+        for name, tensor in module.state_dict().items():
+            key = prefix + name
+            if key not in weights:
+                raise UserError(f"{path}: checkpoint {directory} lacks {key!r} (needed for the adapter at "
+                                f"{placement.role}, layer {placement.layer}); it was saved for another model or "
+                                "config.")
+            value = weights[key]
+            if value.shape != tensor.shape:
+                raise UserError(f"{path}: {key!r} in {directory} has shape {tuple(value.shape)}, but this model "
+                                f"needs {tuple(tensor.shape)}; the checkpoint belongs to another model size.")
+            tensor.copy_(value)
+            used.add(key)
+    unused = sorted(set(weights) - used)
+    if unused:
+        raise UserError(f"{path}: checkpoint {directory} has {len(unused)} tensor(s) this model has no place for, "
+                        f"e.g. {unused[0]!r}; it was saved for another architecture or layer count.")
+    return len(used)
+
+
+def save(gm: fx.GraphModule, placements: list, directory: Path, name: str, config: dict[str, Any],
+         extra: dict[str, Any]) -> None:
+    """Write an AdapterHub checkpoint atomically: a temp directory renamed over the target."""
+    tensors = {}
+    for placement in placements:
+        module = gm.get_submodule(placement.module_path)
+        for key, tensor in module.state_dict().items():
+            tensors[f"{placement.reference_module}.{name}.{key}"] = tensor.detach().contiguous().clone()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    save_file(tensors, str(tmp / WEIGHT_FILES[0]))
+    (tmp / CONFIG_FILE).write_text(json.dumps({"config": config, "name": name, **extra}, indent=2))
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, directory)

@@ -1,0 +1,139 @@
+"""The composition spec (JSON): which adapters exist, how each is configured, which are active.
+
+    {"adapters": {NAME: DEF, ...}, "active": NAME, "fusions": [], "optimize": {"merge_lora": true}}
+
+DEF is an AdapterHub config string (`"lora[r=4,alpha=8]"`), a config object (`{"config": "seq_bn",
+"reduction_factor": 8}` or an AdapterHub config dict with `architecture`), or `{"load": DIR}` for a
+saved AdapterHub checkpoint (relative paths resolve against the spec file). The JSON Schema is
+`spec_schema.json` beside this module. Every error names the JSON path of the offending value.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from . import methods
+from .checkpoints import adapterhub
+from .errors import UserError
+from .methods.base import MethodConfig
+from .methods.config_string import parse_config_string
+
+SCHEMA_PATH = Path(__file__).with_name("spec_schema.json")
+_TOP_KEYS = {"adapters", "active", "fusions", "optimize", "$schema", "description"}
+_OPTIMIZE_KEYS = {"merge_lora": True}
+_COMPOSITIONS = ("stack", "parallel", "fuse", "split", "batch_split", "average")
+
+
+@dataclass
+class AdapterDef:
+    name: str
+    method: ModuleType
+    config: MethodConfig
+    path: str  # JSON path, for messages
+    load: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"method": self.method.NAME, "config": self.config.to_dict()}
+        if self.load is not None:
+            data["load"] = str(self.load)
+        return data
+
+
+@dataclass
+class Spec:
+    adapters: dict[str, AdapterDef]
+    active: list[str]
+    optimize: dict[str, bool] = field(default_factory=lambda: dict(_OPTIMIZE_KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"adapters": {n: a.to_json() for n, a in self.adapters.items()}, "active": self.active,
+                "optimize": self.optimize}
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and resolve a spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"spec {path}: cannot read it ({exc.strerror}).") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"spec {path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+    return parse_spec(data, path.parent)
+
+
+def parse_spec(data: Any, base_dir: Path = Path(".")) -> Spec:
+    """Resolve a spec object: parse config strings, apply presets, read checkpoint configs."""
+    if not isinstance(data, dict):
+        raise UserError("$: the spec must be a JSON object with \"adapters\" and \"active\".")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise UserError(f"$: unknown spec key(s) {', '.join(map(repr, unknown))}; valid keys: "
+                        f"{', '.join(sorted(_TOP_KEYS - {'$schema'}))}.")
+    raw_adapters = data.get("adapters")
+    if not isinstance(raw_adapters, dict) or not raw_adapters:
+        raise UserError("$.adapters: expected a non-empty object mapping adapter names to definitions.")
+    adapters = {name: _adapter(name, value, f"$.adapters.{name}", base_dir) for name, value in raw_adapters.items()}
+    if data.get("fusions"):
+        raise UserError("$.fusions: AdapterFusion is not supported by fxadapt yet; remove \"fusions\".")
+    active = _active(data.get("active"), adapters)
+    optimize = dict(_OPTIMIZE_KEYS)
+    for key, value in (data.get("optimize") or {}).items():
+        if key not in _OPTIMIZE_KEYS or not isinstance(value, bool):
+            raise UserError(f"$.optimize.{key}: unknown optimization or non-boolean value; valid: "
+                            f"{', '.join(_OPTIMIZE_KEYS)} (true/false).")
+        optimize[key] = value
+    return Spec(adapters, active, optimize)
+
+
+def _adapter(name: str, value: Any, path: str, base_dir: Path) -> AdapterDef:
+    if isinstance(value, str):
+        chunks = parse_config_string(value, path)
+        if len(chunks) > 1:
+            raise UserError(f"{path}: union configs ({value!r}) are not supported by fxadapt yet.")
+        method_name, overrides = chunks[0]
+        module, preset = methods.method_for_name(method_name, path)
+        return AdapterDef(name, module, methods.build_config(module, preset, overrides, path), path)
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a config string, a config object or {{\"load\": DIR}}, got "
+                        f"{type(value).__name__}.")
+    if "load" in value:
+        extra = sorted(set(value) - {"load"})
+        if extra:
+            raise UserError(f"{path}: {{\"load\": DIR}} takes no other keys, got {extra}.")
+        directory = (base_dir / value["load"]).resolve()
+        config_values = adapterhub.read_config(directory, f"{path}.load")
+        module = methods.method_for_config(config_values, f"{path}.load")
+        return AdapterDef(name, module, module.Config.from_dict(config_values, f"{path}.load"), path, directory)
+    if "config" in value:
+        if not isinstance(value["config"], str):
+            raise UserError(f"{path}.config: expected a config name such as \"seq_bn\".")
+        method_name, preset_overrides = parse_config_string(value["config"], f"{path}.config")[0]
+        module, preset = methods.method_for_name(method_name, f"{path}.config")
+        overrides = {k: v for k, v in value.items() if k != "config"}
+        return AdapterDef(name, module, methods.build_config(module, {**preset, **preset_overrides}, overrides,
+                                                             path), path)
+    module = methods.method_for_config(value, path)
+    return AdapterDef(name, module, module.Config.from_dict(value, path), path)
+
+
+def _active(value: Any, adapters: dict[str, AdapterDef]) -> list[str]:
+    if value is None:
+        if len(adapters) == 1:
+            return list(adapters)
+        raise UserError("$.active: several adapters are defined; say which is active, e.g. "
+                        f"\"active\": {json.dumps(next(iter(adapters)))}.")
+    if isinstance(value, dict) and len(value) >= 1 and next(iter(value)) in _COMPOSITIONS:
+        raise UserError(f"$.active: composition block {next(iter(value))!r} is not supported by fxadapt yet; "
+                        "activate a single adapter by name.")
+    if not isinstance(value, str):
+        raise UserError(f"$.active: expected an adapter name or a composition block, got {json.dumps(value)}.")
+    if value not in adapters:
+        raise UserError(f"$.active: unknown adapter {value!r}; defined adapters: {', '.join(adapters)}.")
+    return [value]
