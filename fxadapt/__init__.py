@@ -1,1 +1,3 @@
-"""fxadapt: adapters for any PyTorch model, as an FX graph compiler."""
+"""fxadapt: parameter-efficient adapters for any PyTorch model, as an FX graph compiler."""
+
+__version__ = "0.1.0"

@@ -42,7 +42,6 @@ class Captured:
     dynamic_shapes: dict[str, dict[int, Any]]
     source: str
     config: Any = None
-    base_model_prefix: str = ""
     info: dict[str, Any] = field(default_factory=dict)
 
     def inputs(self, batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -189,9 +188,7 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
         dynamic_shapes=shapes,
         source=source,
         config=config,
-        base_model_prefix=getattr(model, "base_model_prefix", "") if hasattr(model, "base_model") and
-        model.base_model is not model else "",
-        info={"class": type(model).__name__},
+        info={"class": type(model).__name__, "base_model_prefix": getattr(model, "base_model_prefix", "")},
     )
 
 

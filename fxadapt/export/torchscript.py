@@ -172,14 +172,10 @@ def _scriptable_graph_module(
     sig = ep.graph_signature
     exported, out_order = _check_names(ep, input_names, output_names)
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
-    user_nodes = [
-        n for n, s in zip(placeholders, sig.input_specs, strict=True) if s.kind == InputKind.USER_INPUT
-    ]
+    user_nodes = [n for n, s in zip(placeholders, sig.input_specs, strict=True) if s.kind == InputKind.USER_INPUT]
     by_name = dict(zip(exported, user_nodes, strict=True))
     root, graph = nn.Module(), fx.Graph()
-    new_inputs = {
-        name: graph.placeholder(name, _script_type(by_name[name].meta.get("val"))) for name in input_names
-    }
+    new_inputs = {name: graph.placeholder(name, _script_type(by_name[name].meta.get("val"))) for name in input_names}
     env: dict[fx.Node, Any] = {node: new_inputs[name] for name, node in by_name.items()}
     origin: dict[str, fx.Node] = {}
     # Device literals equal to the first tensor input's (export-time) device follow that input at run time.
@@ -224,9 +220,7 @@ def _scriptable_graph_module(
             continue
         target = node.target
         if isinstance(target, torch._ops.HigherOrderOperator):
-            raise RuntimeError(
-                f"node '{node.name}': higher-order op {target.name()!r} has no TorchScript form"
-            )
+            raise RuntimeError(f"node '{node.name}': higher-order op {target.name()!r} has no TorchScript form")
         args = fx.node.map_aggregate(node.args, convert_arg)
         kwargs = fx.node.map_aggregate(node.kwargs, convert_arg)
         if target in _SIZE_METHODS:
@@ -234,7 +228,9 @@ def _scriptable_graph_module(
         elif isinstance(target, torch._ops.OpOverload):
             new = graph.call_function(target.overloadpacket, args, kwargs)
         else:
-            new = graph.call_function(_SYM_FUNCTIONS.get(target, target), args, kwargs)
+            target = _SYM_FUNCTIONS.get(target, target)
+            _check_python_function(node, target)
+            new = graph.call_function(target, args, kwargs)
         env[node] = new
         origin[new.name] = node
 
@@ -253,6 +249,18 @@ def _scriptable_graph_module(
     graph.output(tuple(outputs[i] for i in out_order))
     gm = fx.GraphModule(root, graph, class_name="FxadaptTorchScript")
     return gm.eval(), origin
+
+
+def _check_python_function(node: fx.Node, fn: Any) -> None:
+    """Builtins, ``operator`` and ``math`` functions are TorchScript builtins; compile anything else
+    on its own first, so a failure names the node that calls it."""
+    if getattr(fn, "__module__", None) in ("builtins", "_operator", "math", __name__):
+        return
+    try:
+        torch.jit.script(fn)
+    except Exception as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise RuntimeError(f"node '{node.name}': {fn!r} is not TorchScript-compatible: {first}") from e
 
 
 def _describe_script_error(err: Exception, origin: dict[str, fx.Node]) -> str:

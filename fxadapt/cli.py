@@ -1,0 +1,163 @@
+"""`fxadapt` command line: compile, sites, inspect.
+
+Exit codes (DESIGN.md): 0 ok, 2 user error (one-paragraph message, no traceback), 3 verification
+above tolerance (artifacts kept), 1 a bug in fxadapt. Heavy imports happen inside the commands so
+`--help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_MODEL = "builtin:tiny-bert"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _progress(start: float):
+    def report(message: str) -> None:
+        _say(f"  [{time.perf_counter() - start:6.1f}s] {message}")
+    return report
+
+
+def _formats(value: str) -> tuple[str, ...]:
+    from .pipeline import FORMATS
+
+    chosen = FORMATS if value == "all" else tuple(v.strip() for v in value.split(","))
+    bad = [f for f in chosen if f not in FORMATS]
+    if bad:
+        raise UserError(f"--format: unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)} or all.")
+    return chosen
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .pipeline import compile_model, report_json
+    from .spec import load_spec
+
+    start = time.perf_counter()
+    spec = load_spec(args.spec)
+    formats = _formats(args.format)
+    _say(f"fxadapt compile {args.model} --spec {args.spec} -> {args.output}")
+    result = compile_model(args.model, spec, Path(args.output), formats, args.task, args.atol, _progress(start))
+    report = report_json(result, spec, args.atol)
+    print()
+    for check in result.checks:
+        for error in check.errors:
+            mark = "ok" if error.ok else "FAIL"
+            print(f"  [{mark:>4}] {check.artifact:<12} {check.shape:<6} {error.name:<22} max abs {error.max_abs:.1e}"
+                  f"  rel {error.max_rel:.1e}  (atol {args.atol:g})")
+    placements = report["sites"]
+    adapters = ", ".join(f"{n} ({a['method']})" for n, a in report["spec"]["adapters"].items()
+                         if n in spec.active)
+    print()
+    print(f"  model     {report['model']} ({report['model_class']})")
+    print(f"  adapters  {adapters} at {len(placements)} sites")
+    print("  passes    " + ", ".join(f"{k}: {v}" for k, v in report["passes"].items()))
+    print("  artifacts " + ", ".join(f"{Path(args.output) / a['path']}" for a in report["artifacts"].values()
+                                     if "path" in a))
+    print(f"  report    {Path(args.output) / 'report.json'}  ({time.perf_counter() - start:.1f}s)")
+    if not result.ok:
+        _say("verification failed: some outputs differ from the eager reference by more than --atol "
+             "(artifacts kept; see report.json).")
+        return 3
+    return 0
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    from .capture import capture
+    from .sites import describe, find_sites
+
+    captured = capture(args.model, task=args.task)
+    print(describe(find_sites(captured.module)))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .pipeline import build, optimize
+    from .spec import load_spec
+
+    try:
+        from .tools.graph_json import snapshot
+        from .tools.render import render
+    except ImportError:
+        raise UserError("the graph visualizer is not available in this installation.") from None
+    spec = load_spec(args.spec)
+    result = build(args.model, spec, args.task, _progress(time.perf_counter()), snapshot)
+    optimize(result, spec, snapshot=snapshot)
+    output = render(result.snapshots, args.format)
+    if args.output in (None, "-"):
+        sys.stdout.write(output if output.endswith("\n") else output + "\n")
+        return 0
+    path = Path(args.output)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(output)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path} ({exc.strerror}); choose a writable -o path.") from None
+    _say(f"wrote {path}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="fxadapt", description="Adapters for any PyTorch model, as a graph compiler.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                       help=f"Hugging Face model directory or hub id, or builtin:NAME (default {DEFAULT_MODEL})")
+        p.add_argument("--task", help="model class to load, e.g. sequence-classification (default: from config)")
+
+    p = sub.add_parser("compile", help="insert adapters, optimize, export and verify")
+    model_args(p)
+    p.add_argument("--spec", required=True, help="composition spec (JSON)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--format", default="all", help="onnx, torchscript, pt2, a comma list, or all (default)")
+    p.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed per output (default 1e-4)")
+    p.set_defaults(run=cmd_compile)
+
+    p = sub.add_parser("sites", help="print the adapter sites found in a model, per layer")
+    model_args(p)
+    p.set_defaults(run=cmd_sites)
+
+    p = sub.add_parser("inspect", help="visualize the graph before/after rewriting")
+    model_args(p)
+    p.add_argument("--spec", required=True, help="composition spec (JSON)")
+    p.add_argument("-o", "--output", help="output file (default: stdout)")
+    p.add_argument("--format", default="html", choices=["html", "text", "dot", "svg", "json"])
+    p.set_defaults(run=cmd_inspect)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    debug = os.environ.get("FXADAPT_DEBUG") == "1"
+    try:
+        return args.run(args)
+    except UserError as exc:
+        _say("error: " + textwrap.fill(str(exc), width=100, subsequent_indent="  "))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _say("interrupted; no output written.")
+        return 130
+    except Exception:
+        if debug:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        _say("error: this is a bug in fxadapt; please report it with the traceback above.")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

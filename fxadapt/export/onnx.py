@@ -1,0 +1,40 @@
+"""ONNX export through torch.onnx (dynamo) and execution in ONNX Runtime.
+
+Inputs are named like the forward's keyword arguments and outputs like the ModelOutput fields;
+batch and sequence axes stay dynamic because the ExportedProgram carries them. The file is written to
+a temporary name and renamed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def export_onnx(ep: torch.export.ExportedProgram, path: Path, output_names: list[str]) -> int:
+    """Write `ep` as ONNX to `path`; returns the graph's node count."""
+    import onnx
+
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(ep, (), dynamo=True, output_names=output_names, verbose=False,
+                                    external_data=False)
+    program.save(str(tmp))
+    os.replace(tmp, path)
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed_names = {i.name for i in session.get_inputs()}
+    feed = {k: v.numpy() for k, v in inputs.items() if k in feed_names}
+    return session.run(None, feed)

@@ -1,0 +1,268 @@
+"""The compile pipeline: capture -> sites -> rewrite -> optimize -> verify -> export, as one ordered list.
+
+    capture          torch.export (non-strict), dynamic batch/sequence
+    find_sites       tag attn.q/k/v/o, ffn.up/gate/down, residual sites
+    insert_adapters  rewrite: every active adapter's subgraph at its sites (+ checkpoint weights)
+    -- the eager reference outputs are taken here, before any optimization --
+    merge_lora       fold LoRA into weights (spec "optimize.merge_lora"); must precede DCE, which
+                     then drops the weights' dead adapter modules
+    eliminate_dead_code
+    export           re-export the rewritten graph, then ONNX / TorchScript / .pt2, each verified
+                     against the reference on the example shape and on a second shape
+
+`compile_model` writes into a temporary directory beside OUT and renames it at the end, so a user
+error leaves nothing behind; a verification failure keeps the artifacts (exit 3 from the CLI).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from . import __version__
+from .capture import Captured, capture, flatten_outputs
+from .errors import UserError
+from .export.verify import OutputError, compare
+from .passes.cleanup import eliminate_dead_code
+from .passes.insert_adapters import insert_adapters
+from .passes.manager import PassResult, run_passes
+from .passes.merge_lora import merge_lora
+from .sites import SiteMap, find_sites
+from .spec import Spec
+
+FORMATS = ("onnx", "torchscript", "pt2")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Check:
+    """One artifact checked on one input shape."""
+
+    artifact: str
+    shape: str
+    errors: list[OutputError]
+
+    @property
+    def ok(self) -> bool:
+        return all(e.ok for e in self.errors)
+
+
+@dataclass
+class Result:
+    captured: Captured
+    sites: SiteMap
+    graph: fx.GraphModule
+    pass_counts: dict[str, int]
+    checks: list[Check] = field(default_factory=list)
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float], progress: Progress) -> None:
+        self.timings, self.progress = timings, progress
+
+    def __call__(self, stage: str, message: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                timer.progress(message)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.timings[stage] = round(time.perf_counter() - self.start, 3)
+
+        return _Stage()
+
+
+def verification_shapes(captured: Captured) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """The example inputs and a second shape (other batch and sequence length) for every check."""
+    example = captured.example_inputs
+    first = next(iter(example.values()))
+    seq = first.shape[1] if first.dim() > 1 and "pixel_values" not in example else None
+    second = captured.inputs(3, 5 if seq != 5 else 6, seed=7)
+    def describe(inputs):
+        return "x".join(str(d) for d in next(iter(inputs.values())).shape[:2 if seq else 1])
+    return [(describe(example), example), (describe(second), second)]
+
+
+def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None,
+          progress: Progress = lambda _: None, snapshot: Callable | None = None) -> Result:
+    """Capture and rewrite (no export): the GraphModule with adapters, and the reference outputs."""
+    timings: dict[str, float] = {}
+    stage = _Timer(timings, progress)
+    with stage("capture", "capturing the model with torch.export"):
+        captured = capture(model, task=task)
+    gm = captured.module
+    with stage("sites", "finding adapter sites"):
+        sites = find_sites(gm)
+    snapshots = [snapshot(gm, "captured")] if snapshot else []
+    hidden = getattr(captured.config, "hidden_size", None) if captured.config is not None else None
+    prefix = captured.info.get("base_model_prefix", "")
+    rewrite = [("insert_adapters", functools.partial(insert_adapters, spec=spec, sites=sites, base_prefix=prefix,
+                                                     hidden_size=hidden))]
+    with stage("rewrite", "inserting adapters"):
+        gm, counts = run_passes(gm, rewrite)
+    if snapshot:
+        snapshots.append(snapshot(gm, "rewritten"))
+    result = Result(captured, sites, gm, counts, timings=timings, snapshots=snapshots)
+    return result
+
+
+def optimize(result: Result, spec: Spec, progress: Progress = lambda _: None,
+             snapshot: Callable | None = None) -> None:
+    """The optimization passes, in order (see the module docstring for why this order)."""
+    passes: list[tuple[str, Callable[[fx.GraphModule], PassResult]]] = []
+    if spec.optimize.get("merge_lora", True):
+        passes.append(("merge_lora", merge_lora))
+    passes.append(("eliminate_dead_code", eliminate_dead_code))
+    with _Timer(result.timings, progress)("optimize", "optimizing: " + ", ".join(n for n, _ in passes)):
+        result.graph, counts = run_passes(result.graph, passes)
+    result.pass_counts.update(counts)
+    if snapshot:
+        result.snapshots.append(snapshot(result.graph, "optimized"))
+
+
+def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, formats: tuple[str, ...] = ("onnx",),
+                  task: str | None = None, atol: float = 1e-4, progress: Progress = lambda _: None) -> Result:
+    """The whole pipeline; writes OUT/model.onnx (etc.) and OUT/report.json."""
+    out_dir = Path(out_dir)
+    staging = _staging_dir(out_dir)
+    try:
+        result = build(model, spec, task, progress)
+        shapes = verification_shapes(result.captured)
+        with torch.no_grad():
+            references = {name: flatten_outputs(result.graph(**inputs)) for name, inputs in shapes}
+        optimize(result, spec, progress)
+        _export_all(result, spec, formats, staging, shapes, references, atol, progress)
+        _write_report(result, spec, staging, atol)
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result
+
+
+def _check(result: Result, artifact: str, run: Callable[[dict], list], shapes, references, atol: float) -> None:
+    names = result.captured.output_names
+    for shape, inputs in shapes:
+        result.checks.append(Check(artifact, shape, compare(names, references[shape], run(inputs), atol)))
+
+
+def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, references, atol, progress) -> None:
+    from .capture import export_program
+    from .export.onnx import export_onnx, run_onnx
+
+    captured = result.captured
+    stage = _Timer(result.timings, progress)
+    _check(result, "graph", lambda inputs: flatten_outputs(result.graph(**inputs)), shapes, references, atol)
+    with stage("reexport", "re-exporting the rewritten graph"):
+        ep = export_program(result.graph, captured.example_inputs, captured.dynamic_shapes)
+    if "onnx" in formats:
+        path = staging / "model.onnx"
+        with stage("onnx", "exporting to ONNX"), _quiet_onnx():
+            nodes = export_onnx(ep, path, captured.output_names)
+        result.artifacts["onnx"] = {"path": "model.onnx", "nodes": nodes}
+        with stage("onnx_verify", "verifying ONNX Runtime outputs"):
+            _check(result, "onnx", lambda inputs: run_onnx(path, inputs), shapes, references, atol)
+    if "torchscript" in formats:
+        from .export.torchscript import export_torchscript
+
+        path = staging / "model.ts"
+        with stage("torchscript", "exporting to TorchScript"):
+            scripted = export_torchscript(ep, captured.input_names, captured.output_names, str(path))
+        result.artifacts["torchscript"] = {"path": "model.ts"}
+        with stage("torchscript_verify", "verifying TorchScript outputs"), torch.no_grad():
+            _check(result, "torchscript", lambda inputs: list(scripted(*[inputs[n] for n in captured.input_names])),
+                   shapes, references, atol)
+    if "pt2" in formats:
+        path = staging / "model.pt2"
+        with stage("pt2", "saving the ExportedProgram (.pt2)"):
+            torch.export.save(ep, str(path))
+        result.artifacts["pt2"] = {"path": "model.pt2"}
+        loaded = torch.export.load(str(path)).module()
+        with torch.no_grad():
+            _check(result, "pt2", lambda inputs: flatten_outputs(loaded(**inputs)), shapes, references, atol)
+
+
+class _quiet_onnx:
+    """torch.onnx logs warnings about optional torchvision ops on every export; they are noise here."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("torch.onnx")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def report_json(result: Result, spec: Spec, atol: float) -> dict[str, Any]:
+    placements = result.graph.meta.get("fxadapt", {}).get("placements", [])
+    artifacts: dict[str, Any] = {"graph": {}}
+    artifacts.update({k: dict(v) for k, v in result.artifacts.items()})
+    for check in result.checks:
+        entry = artifacts.setdefault(check.artifact, {})
+        entry.setdefault("checks", []).append({"shape": check.shape, "ok": check.ok,
+                                               "outputs": {e.name: e.to_json() for e in check.errors}})
+    for entry in artifacts.values():
+        entry["ok"] = all(c["ok"] for c in entry.get("checks", []))
+    return {
+        "fxadapt": __version__,
+        "model": result.captured.source,
+        "model_class": result.captured.info.get("class"),
+        "inputs": result.captured.input_names,
+        "outputs": result.captured.output_names,
+        "spec": spec.to_json(),
+        "sites": [{"adapter": p.adapter, "method": p.method, "site": p.role, "layer": p.layer,
+                   "module": p.module_path, "reference_module": p.reference_module} for p in placements],
+        "passes": result.pass_counts,
+        "tolerance": {"atol": atol},
+        "artifacts": artifacts,
+        "ok": result.ok,
+        "timings_s": result.timings,
+    }
+
+
+def _write_report(result: Result, spec: Spec, staging: Path, atol: float) -> None:
+    (staging / "report.json").write_text(json.dumps(report_json(result, spec, atol), indent=2) + "\n")
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A fresh temporary directory beside OUT; fails early and clearly when OUT is not writable."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output {out_dir} exists and is not a directory; choose another -o path.")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.fxadapt-", dir=out_dir.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write the output directory {out_dir} ({exc.strerror}); choose a writable "
+                        "-o path.") from None
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the finished artifacts into OUT, replacing earlier files of the same names only."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        target = out_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    staging.rmdir()
