@@ -91,7 +91,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except ImportError:
         raise UserError("the graph visualizer is not available in this installation.") from None
     spec = load_spec(args.spec)
-    result = build(args.model, spec, args.task, _progress(time.perf_counter()), snapshot)
+    result = build(args.model, spec, task=args.task, progress=_progress(time.perf_counter()), snapshot=snapshot)
     optimize(result, spec, snapshot=snapshot)
     output = render(result.snapshots, args.format)
     if args.output in (None, "-"):

@@ -103,13 +103,13 @@ def verification_shapes(captured: Captured) -> list[tuple[str, dict[str, torch.T
     return [(describe(example), example), (describe(second), second)]
 
 
-def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None,
+def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, example_inputs: dict | None = None,
           progress: Progress = lambda _: None, snapshot: Callable | None = None) -> Result:
     """Capture and rewrite (no export): the GraphModule with adapters, and the reference outputs."""
     timings: dict[str, float] = {}
     stage = _Timer(timings, progress)
     with stage("capture", "capturing the model with torch.export"):
-        captured = capture(model, task=task)
+        captured = capture(model, example_inputs, task=task)
     gm = captured.module
     with stage("sites", "finding adapter sites"):
         sites = find_sites(gm)
@@ -146,7 +146,7 @@ def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, forma
     out_dir = Path(out_dir)
     staging = _staging_dir(out_dir)
     try:
-        result = build(model, spec, task, progress)
+        result = build(model, spec, task=task, progress=progress)
         shapes = verification_shapes(result.captured)
         with torch.no_grad():
             references = {name: flatten_outputs(result.graph(**inputs)) for name, inputs in shapes}
@@ -178,8 +178,8 @@ def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, refe
     if "onnx" in formats:
         path = staging / "model.onnx"
         with stage("onnx", "exporting to ONNX"), _quiet_onnx():
-            nodes = export_onnx(ep, path, captured.output_names)
-        result.artifacts["onnx"] = {"path": "model.onnx", "nodes": nodes}
+            info = export_onnx(ep, path, captured.output_names)
+        result.artifacts["onnx"] = {"path": "model.onnx", **info}
         with stage("onnx_verify", "verifying ONNX Runtime outputs"):
             _check(result, "onnx", lambda inputs: run_onnx(path, inputs), shapes, references, atol)
     if "torchscript" in formats:

@@ -15,18 +15,34 @@ import numpy as np
 import torch
 
 
-def export_onnx(ep: torch.export.ExportedProgram, path: Path, output_names: list[str]) -> int:
-    """Write `ep` as ONNX to `path`; returns the graph's node count."""
+def export_onnx(ep: torch.export.ExportedProgram, path: Path, output_names: list[str]) -> dict[str, object]:
+    """Write `ep` as ONNX to `path`; returns {"nodes": count, "decomposed": bool}.
+
+    Some graphs (T5's attention) fail inside the exporter's own decomposition step with a view of
+    non-contiguous symbolic strides; torch.export's default decompositions, run first, avoid it. That
+    route is the fallback only, since it lowers ops like layer_norm that ONNX has natively.
+    """
     import onnx
 
     tmp = path.with_name(path.name + ".tmp")
+    decomposed = False
+    try:
+        program = _to_onnx(ep, output_names)
+    except torch.onnx.errors.OnnxExporterError:
+        decomposed = True
+        program = _to_onnx(ep.run_decompositions(), output_names)
+    try:
+        program.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"nodes": len(onnx.load(str(path), load_external_data=False).graph.node), "decomposed": decomposed}
+
+
+def _to_onnx(ep: torch.export.ExportedProgram, output_names: list[str]):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(ep, (), dynamo=True, output_names=output_names, verbose=False,
-                                    external_data=False)
-    program.save(str(tmp))
-    os.replace(tmp, path)
-    return len(onnx.load(str(path), load_external_data=False).graph.node)
+        return torch.onnx.export(ep, (), dynamo=True, output_names=output_names, verbose=False, external_data=False)
 
 
 def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:

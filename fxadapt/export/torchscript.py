@@ -32,14 +32,14 @@ import math
 import operator
 import os
 import re
-import tempfile
+import uuid
 import warnings
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
-from torch.export.graph_signature import InputKind, OutputKind
+from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
 __all__ = ["export_torchscript"]
 
@@ -128,8 +128,11 @@ def _check_names(
     placeholders = list(ep.graph_signature.user_inputs)
     in_keys = _leaf_names(ep.call_spec.in_spec)
     exported = [key or ph for key, ph in zip(in_keys, placeholders, strict=True)]
-    if len(set(input_names)) != len(input_names) or sorted(input_names) != sorted(exported):
-        raise RuntimeError(f"input_names {input_names} do not match the exported program's inputs {exported}")
+    user_specs = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    # Non-tensor inputs that export baked in as constants may be left out.
+    required = [n for n, s in zip(exported, user_specs, strict=True) if not isinstance(s.arg, ConstantArgument)]
+    if len(set(input_names)) != len(input_names) or not set(required) <= set(input_names) <= set(exported):
+        raise RuntimeError(f"input_names {input_names} do not match the exported program's inputs {required}")
     out_keys = _leaf_names(ep.call_spec.out_spec)
     if len(output_names) != len(out_keys):
         raise RuntimeError(
@@ -172,15 +175,18 @@ def _scriptable_graph_module(
     sig = ep.graph_signature
     exported, out_order = _check_names(ep, input_names, output_names)
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
-    user_nodes = [n for n, s in zip(placeholders, sig.input_specs, strict=True) if s.kind == InputKind.USER_INPUT]
-    by_name = dict(zip(exported, user_nodes, strict=True))
+    user = [(n, s) for n, s in zip(placeholders, sig.input_specs, strict=True) if s.kind == InputKind.USER_INPUT]
+    by_name = dict(zip(exported, user, strict=True))
     root, graph = nn.Module(), fx.Graph()
-    new_inputs = {name: graph.placeholder(name, _script_type(by_name[name].meta.get("val"))) for name in input_names}
-    env: dict[fx.Node, Any] = {node: new_inputs[name] for name, node in by_name.items()}
+    new_inputs = {name: graph.placeholder(name, _script_type(by_name[name][0].meta.get("val"))) for name in input_names}
+    # Inputs left out are constants export baked in; their placeholders have no users.
+    env: dict[fx.Node, Any] = {
+        node: new_inputs.get(name, getattr(spec.arg, "value", None)) for name, (node, spec) in by_name.items()
+    }
     origin: dict[str, fx.Node] = {}
     # Device literals equal to the first tensor input's (export-time) device follow that input at run time.
     home_device = next(
-        ((n.meta["val"].device, env[n]) for n in user_nodes if isinstance(n.meta.get("val"), torch.Tensor)),
+        ((n.meta["val"].device, env[n]) for n, _ in user if isinstance(n.meta.get("val"), torch.Tensor)),
         None,
     )
     for node, spec in zip(placeholders, sig.input_specs, strict=True):
@@ -279,11 +285,11 @@ def _describe_script_error(err: Exception, origin: dict[str, fx.Node]) -> str:
 
 def _atomic_save(sm: torch.jit.ScriptModule, path: str) -> None:
     """``torch.jit.save`` to a temp file next to ``path``, then rename: no partial file on failure."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fxadapt-", suffix=".pt.tmp")
-    os.close(fd)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # same directory, so the rename is atomic
     try:
-        torch.jit.save(sm, tmp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream
+            torch.jit.save(sm, tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

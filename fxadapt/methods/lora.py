@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from ..graph_edit import Emitter, add_module
 from ..graph_ops import ADDMM, aten, is_call
@@ -78,6 +79,7 @@ ALIASES: dict[str, str] = {}
 
 class LoRA(nn.Module):
     """delta(x) = (alpha / r) · dropout(x) @ A^T @ B^T; attribute names mirror the reference `LoRA`.
+    `F.linear(x, A)` is `x @ A^T`: one GEMM op per factor in the captured graph.
 
     With `chunks` (a fused q/k/v projection), A stacks the enabled matrices' A's and B their B's; the
     output is padded with zeros for the disabled chunks.
@@ -104,14 +106,14 @@ class LoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.lora_dropout(x)
         if not self.chunks:
-            return x @ torch.t(self.lora_A) @ torch.t(self.lora_B) * self.scaling
-        after_a = x @ torch.t(self.lora_A)
+            return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        after_a = F.linear(x, self.lora_A)
         parts, index = [], 0
         for enabled in self.chunks:
             if enabled:
                 a = after_a[..., index * self.r:(index + 1) * self.r]
                 b = self.lora_B[index * self.chunk_size:(index + 1) * self.chunk_size]
-                parts.append(a @ torch.t(b))
+                parts.append(F.linear(a, b))
                 index += 1
             else:
                 parts.append(x.new_zeros((*x.shape[:-1], self.chunk_size)))
