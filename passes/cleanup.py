@@ -16,4 +16,5 @@ def eliminate_dead_code(gm: fx.GraphModule) -> PassResult:
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
+    gm.recompile()
     return PassResult(gm, before - len(gm.graph.nodes))

@@ -68,4 +68,5 @@ def merge_lora(gm: fx.GraphModule) -> PassResult:
             gm.graph.erase_node(lora)
         merged += len(modules)
     gm.delete_all_unused_submodules()
+    gm.recompile()
     return PassResult(gm, merged)
