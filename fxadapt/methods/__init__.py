@@ -18,9 +18,8 @@ BY_ARCHITECTURE: dict[str, ModuleType] = {"bottleneck": bottleneck, "lora": lora
 
 # AdapterHub config names fxadapt does not implement yet: a clear message, not "unknown".
 PLANNED = {
-    "par_bn", "scaled_par_bn", "seq_bn_inv", "pfeiffer+inv", "double_seq_bn_inv", "houlsby+inv", "compacter",
-    "compacter++", "prefix_tuning", "prefix_tuning_flat", "prompt_tuning", "ia3", "loreft", "noreft", "direft",
-    "mam", "unipelt", "vera", "adapterplus", "mtl_lora",
+    "prefix_tuning", "prefix_tuning_flat", "prompt_tuning", "ia3", "loreft", "noreft", "direft",
+    "mam", "unipelt", "vera", "mtl_lora",
 }
 
 

@@ -1,17 +1,27 @@
-"""Sequential bottleneck adapters (`seq_bn`/pfeiffer, `double_seq_bn`/houlsby), as in `adapters` 1.3.0.
+"""Bottleneck adapters as in `adapters` 1.3.0: seq_bn/pfeiffer, double_seq_bn/houlsby, par_bn, scaled_par_bn,
+compacter, compacter++, seq_bn_inv, double_seq_bn_inv and AdapterPlus — one BnConfig, several presets.
 
 At a residual site with sub-layer output h, residual stream x and the model's norm LN (identity on
-pre-LN models), with A(t) = up(act(down(t))) * scaling:
+pre-LN models), with the bottleneck A(t) = g(t) · dropout(s · up(act(down(t)))):
 
     seq_bn (post-LN):  LN(h + A(LN(h + x)) + x)      # original_ln_before, residual_before_ln
-    double_seq_bn:     LN(h + A(h) + x)              # placed after attention and after the FFN
+    double_seq_bn:     LN(h + A(h) + x)              # after attention and after the FFN
+    par_bn:            LN(h + A(x) + x)              # parallel to the sub-layer, s = 4 (learned: scaled_par_bn)
+    adapterplus:       LN(h + x) + A(LN(h + x))      # original_ln_after False, residual_before_ln False,
+                                                      # s per channel; stochastic depth is identity in eval
 
-In general (the reference's Adapter.pre_forward / forward / post_forward):
+s is a number, a learned scalar ("learned") or a learned vector ("channel"); g(t) = 1, or with
+`use_gating` g(t) = mean over the sequence of sigmoid(gate(t)) ([batch, 1, 1], padded positions
+included, as in the reference). With `phm_layer` (compacter) `down` and `up` are PHM layers
+(`phm.py`); with `inv_adapter` an invertible block follows the embeddings (`invertible.py`).
+
+In general (the reference's Adapter.pre_forward / forward / post_forward), sequential:
     residual = h                      if residual_before_ln is True
     t = LN(h + x) | h + x | h         by original_ln_before and whether the site has a norm
     residual = (h + x) | t            if residual_before_ln == "post_add" | False
     out = A(t) [+ residual, ln_after order per adapter_residual_before_ln]
     y = LN(out + x) | out + x | out   by original_ln_after
+and parallel (ParallelAdapter): out = ln_after(A(x)) + h;  y = LN(out + x) | out + x | out.
 """
 
 from __future__ import annotations
@@ -24,13 +34,16 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .. import meta
 from ..errors import UserError
 from ..graph_edit import Emitter, add_module
 from ..graph_ops import aten
 from ..sites import ResidualSite, SiteMap
+from . import invertible, phm
 from .base import MethodConfig, Placement, freeze, require_type
 
 NAME = "bottleneck"
+INITS = ("bert", "mam_adapter", "houlsby")
 
 
 @dataclass
@@ -72,29 +85,50 @@ class Config(MethodConfig):
     phm_bias: bool | None = True
     stochastic_depth: float | None = 0.0  # training-time only (DropPath): no effect on the exported forward
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], path: str) -> MethodConfig:
+        legacy = values.get("invertible_adapter")
+        if "invertible_adapter" in values:
+            # adapters v1 configs nest the invertible block; the reference maps it the same way.
+            values = {k: v for k, v in values.items() if k != "invertible_adapter"}
+            if legacy:
+                if not isinstance(legacy, dict) or not {"block_type", "reduction_factor"} <= set(legacy):
+                    raise UserError(f"{path}.invertible_adapter: expected {{\"block_type\": ..., "
+                                    f"\"reduction_factor\": ...}}, got {legacy!r}.")
+                values.update(inv_adapter=legacy["block_type"], inv_adapter_reduction_factor=legacy["reduction_factor"])
+        return super().from_dict(values, path)
+
     def validate(self, path: str) -> None:
         for key in ("mh_adapter", "output_adapter", "original_ln_before", "original_ln_after", "ln_before",
-                    "ln_after", "adapter_residual_before_ln"):
+                    "ln_after", "adapter_residual_before_ln", "is_parallel", "use_gating", "phm_layer"):
             require_type(self, path, key, (bool,))
         if self.residual_before_ln not in (True, False, "post_add"):
             raise self.fail(path, "residual_before_ln", f"expected true, false or \"post_add\", got "
                             f"{self.residual_before_ln!r}.")
+        if self.residual_before_ln == "post_add" and not self.original_ln_before and not self.is_parallel:
+            raise self.fail(path, "residual_before_ln", "\"post_add\" takes the residual after the model's own "
+                            "residual add, which needs original_ln_before true.")
         factors = self.reduction_factor.values() if isinstance(self.reduction_factor, dict) else [
             self.reduction_factor]
         for factor in factors:
-            if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 0:
+            if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 0:
                 raise self.fail(path, "reduction_factor", f"must be a number > 0, got {factor!r}.")
-        if isinstance(self.scaling, str) and self.scaling not in ("learned", "channel"):
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, int | float | str) or (
+                isinstance(self.scaling, str) and self.scaling not in ("learned", "channel")):
             raise self.fail(path, "scaling", f"expected a number, \"learned\" or \"channel\", got {self.scaling!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise self.fail(path, "dropout", f"must be in [0, 1), got {self.dropout!r}.")
+        if not 0.0 <= (self.stochastic_depth or 0.0) < 1.0:
+            raise self.fail(path, "stochastic_depth", f"must be in [0, 1), got {self.stochastic_depth!r}.")
+        if self.init_weights not in INITS:
+            raise self.fail(path, "init_weights", f"expected one of {list(INITS)}, got {self.init_weights!r}.")
         make_activation(self.non_linearity, f"{path}.non_linearity")
-        planned = {"is_parallel": "par_bn", "use_gating": "gated adapters", "phm_layer": "compacter",
-                   "inv_adapter": "invertible adapters", "cross_adapter": "cross-attention adapters"}
-        for key, what in planned.items():
-            if getattr(self, key):
-                raise self.fail(path, key, f"{what} are not supported by fxadapt yet; set {key} to its "
-                                "default or use seq_bn/double_seq_bn.")
+        if self.phm_layer:
+            phm.validate(self, path)
+        invertible.validate(self, path)
+        if self.cross_adapter:
+            raise self.fail(path, "cross_adapter", "cross-attention adapters are not supported by fxadapt yet; set "
+                            "cross_adapter to false.")
 
     def reduction_for(self, layer: int, path: str) -> float:
         if not isinstance(self.reduction_factor, dict):
@@ -107,11 +141,27 @@ class Config(MethodConfig):
                         "\"default\"; add e.g. {\"default\": 16}.")
 
 
+_DOUBLE = dict(original_ln_before=False, mh_adapter=True, non_linearity="swish")
+_PARALLEL = dict(original_ln_before=False, reduction_factor=2, init_weights="mam_adapter", is_parallel=True,
+                 scaling=4.0)
+_INV = dict(inv_adapter="nice", inv_adapter_reduction_factor=2)
+_PHM = dict(phm_layer=True, reduction_factor=32, non_linearity="gelu")
+# AdapterHub's ADAPTER_CONFIG_MAP (adapterplus is its AdapterPlusConfig class, which has no map entry).
 PRESETS: dict[str, dict[str, Any]] = {
     "seq_bn": {},
-    "double_seq_bn": dict(original_ln_before=False, mh_adapter=True, non_linearity="swish"),
+    "double_seq_bn": _DOUBLE,
+    "par_bn": _PARALLEL,
+    "scaled_par_bn": {**_PARALLEL, "scaling": "learned"},
+    "seq_bn_inv": _INV,
+    "double_seq_bn_inv": {**_DOUBLE, **_INV},
+    "compacter++": _PHM,
+    "compacter": {**_DOUBLE, **_PHM},
+    "adapterplus": dict(original_ln_after=False, original_ln_before=True, residual_before_ln=False,
+                        stochastic_depth=0.1, init_weights="houlsby", scaling="channel", reduction_factor=96,
+                        non_linearity="gelu"),
 }
-ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn"}
+ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "parallel": "par_bn", "scaled_parallel": "scaled_par_bn",
+           "pfeiffer+inv": "seq_bn_inv", "houlsby+inv": "double_seq_bn_inv"}
 
 
 def make_activation(name: str, path: str) -> nn.Module:
@@ -128,17 +178,21 @@ def make_activation(name: str, path: str) -> nn.Module:
 
 
 class Bottleneck(nn.Module):
-    """The bottleneck block; attribute names mirror the reference `Adapter` so checkpoint keys map 1:1."""
+    """The bottleneck block; attribute names mirror the reference `Adapter` so checkpoint keys map 1:1.
 
-    def __init__(self, hidden: int, down: int, config: Config) -> None:
+    `forward(x, residual, *shared)`: `shared` are the adapter's shared PHM tensors, in `shared_names` order."""
+
+    def __init__(self, hidden: int, down: int, config: Config, shared_names: tuple[str, ...] = ()) -> None:
         super().__init__()
+        self.shared_names = shared_names
         layers: list[nn.Module] = []
         if config.ln_before:
             self.adapter_norm_before = nn.LayerNorm(hidden)
             layers.append(self.adapter_norm_before)
-        layers += [nn.Linear(hidden, down), make_activation(config.non_linearity, "non_linearity")]
+        layers.append(phm.PHMLayer(hidden, down, "down", config) if config.phm_layer else nn.Linear(hidden, down))
+        layers.append(make_activation(config.non_linearity, "non_linearity"))
         self.adapter_down = nn.Sequential(*layers)
-        self.adapter_up = nn.Linear(down, hidden)
+        self.adapter_up = phm.PHMLayer(down, hidden, "up", config) if config.phm_layer else nn.Linear(down, hidden)
         if config.scaling == "learned":
             self.scaling = nn.Parameter(torch.ones(1))
         elif config.scaling == "channel":
@@ -147,12 +201,26 @@ class Bottleneck(nn.Module):
             self.scaling = float(config.scaling)
         if config.ln_after:
             self.adapter_norm_after = nn.LayerNorm(hidden)
+        if config.use_gating:
+            self.gate = nn.Linear(hidden, 1)
         self.dropout = nn.Dropout(config.dropout)
+        self.parallel = config.is_parallel
         self.residual_first = config.adapter_residual_before_ln
         _init(self, config.init_weights)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        out = self.dropout(self.adapter_up(self.adapter_down(x)) * self.scaling)
+    def _project(self, layer: nn.Module, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        return layer(x, shared) if isinstance(layer, phm.PHMLayer) else layer(x)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, *shared: torch.Tensor) -> torch.Tensor:
+        tensors = dict(zip(self.shared_names, shared, strict=True))
+        down = x
+        for layer in self.adapter_down:
+            down = self._project(layer, down, tensors)
+        out = self.dropout(self._project(self.adapter_up, down, tensors) * self.scaling)
+        if hasattr(self, "gate"):
+            out = out * torch.mean(torch.sigmoid(self.gate(x)), dim=1).unsqueeze(-1)
+        if self.parallel:  # ParallelAdapter.forward: no residual inside the adapter
+            return self.adapter_norm_after(out) if hasattr(self, "adapter_norm_after") else out
         if self.residual_first:
             out = out + residual
         if hasattr(self, "adapter_norm_after"):
@@ -164,8 +232,14 @@ class Bottleneck(nn.Module):
 
 def _init(module: Bottleneck, scheme: str) -> None:
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    gate = getattr(module, "gate", None)
     with torch.no_grad():
         for linear in linears:
+            if linear is gate:
+                if scheme != "houlsby":  # the reference leaves the gate at nn.Linear's init under houlsby
+                    linear.weight.normal_(0.0, 0.02)
+                    nn.init.zeros_(linear.bias)
+                continue
             if scheme == "houlsby":
                 nn.init.trunc_normal_(linear.weight, std=1e-2, a=-2e-2, b=2e-2)
             elif scheme == "mam_adapter" and linear is not module.adapter_up:
@@ -188,25 +262,61 @@ def reference_module(site: ResidualSite) -> str:
 
 
 def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
+    if config.inv_adapter:
+        yield from invertible.emit(gm, sites, adapter, config, path)
     roles = (["residual.attn"] if config.mh_adapter else []) + (["residual.ffn"] if config.output_adapter else [])
+    shared: tuple[str, phm.SharedPHM] | None = None
     for site in sites.residuals:
         if site.role not in roles or site.layer in config.leave_out:
             continue
-        down = int(site.hidden_size // config.reduction_for(site.layer, path))
+        factor = config.reduction_for(site.layer, path)
+        down = int(site.hidden_size // factor)
         if down < 1:
-            raise UserError(f"{path}.reduction_factor: {config.reduction_for(site.layer, path)} leaves no "
-                            f"bottleneck for hidden size {site.hidden_size}; use a factor <= {site.hidden_size}.")
+            raise UserError(f"{path}.reduction_factor: {factor} leaves no bottleneck for hidden size "
+                            f"{site.hidden_size}; use a factor <= {site.hidden_size}.")
+        if config.phm_layer:
+            phm.check_sizes(config, site.hidden_size, down, factor, path)
+            if shared is None and (config.shared_phm_rule or config.shared_W_phm):
+                module = freeze(phm.SharedPHM(config, site.hidden_size, down))
+                shared = (add_module(gm, adapter, "shared", module), module)
+        names = tuple(shared[1].names) if shared else ()
+        if shared and config.shared_W_phm and shared[1].get_parameter(names[0]).shape[1] != (
+                site.hidden_size // config.phm_dim):
+            raise UserError(f"{path}.shared_W_phm: sites of hidden size {site.hidden_size} and another size cannot "
+                            "share one PHM weight; set shared_W_phm to false.")
         module_path = add_module(gm, adapter, f"L{site.layer}_{site.role}", freeze(
-            Bottleneck(site.hidden_size, down, config)))
+            Bottleneck(site.hidden_size, down, config, names)))
+        rewrite = _rewrite_parallel if config.is_parallel else _rewrite
         yield Placement(adapter, NAME, site.role, site.layer, module_path, reference_module(site),
-                        _rewrite(gm, site, module_path, config, adapter))
+                        rewrite(gm, site, module_path, config, adapter, shared[0] if shared else None, names))
+    if shared is not None:
+        # Outside every layer, like the reference's base_model.shared_parameters[NAME].
+        yield Placement(adapter, NAME, "shared", -1, shared[0], "shared_parameters", 0)
 
 
-def _rewrite(gm: fx.GraphModule, site: ResidualSite, module_path: str, config: Config, adapter: str) -> int:
+def _emitter(gm: fx.GraphModule, site: ResidualSite, adapter: str) -> Emitter:
+    return Emitter(gm, site.output, {"adapter": adapter, "method": NAME, "pass": "insert_adapters",
+                                     "site": site.role, "layer": site.layer})
+
+
+def _shared_inputs(emit: Emitter, shared_path: str | None, names: tuple[str, ...]) -> list[fx.Node]:
+    """get_attr nodes for the shared PHM tensors, placed and tagged like every other inserted node."""
+    nodes = []
+    for name in names:
+        with emit.graph.inserting_after(emit.cursor):
+            node = emit.graph.get_attr(f"{shared_path}.{name}")
+        meta.inherit_meta(node, emit.anchor, keep_val=False, **emit.origin)
+        emit.created.append(node)
+        emit.cursor = node
+        nodes.append(node)
+    return nodes
+
+
+def _rewrite(gm: fx.GraphModule, site: ResidualSite, module_path: str, config: Config, adapter: str,
+             shared_path: str | None, names: tuple[str, ...]) -> int:
     h, x, norm = site.hidden, site.residual, site.norm
     out = site.output
-    emit = Emitter(gm, out, {"adapter": adapter, "method": NAME, "pass": "insert_adapters",
-                             "site": site.role, "layer": site.layer})
+    emit = _emitter(gm, site, adapter)
     residual = h if config.residual_before_ln is True else None
     if config.original_ln_before:
         # The model already computes h + x (and LN of it) at this site: reuse those nodes.
@@ -217,11 +327,28 @@ def _rewrite(gm: fx.GraphModule, site: ResidualSite, module_path: str, config: C
         t = h
     if config.residual_before_ln is False:
         residual = t
-    adapted = emit.call_module(module_path, (t, residual))
+    adapted = emit.call_module(module_path, (t, residual, *_shared_inputs(emit, shared_path, names)))
     if config.original_ln_after:
         summed = emit.call_function(aten.add.Tensor, (adapted, x))
         final = emit.copy(norm, {site.add: summed}) if norm is not None else summed
     else:
         final = adapted
+    emit.reroute(out, final)
+    return len(emit.created)
+
+
+def _rewrite_parallel(gm: fx.GraphModule, site: ResidualSite, module_path: str, config: Config, adapter: str,
+                      shared_path: str | None, names: tuple[str, ...]) -> int:
+    """ParallelAdapter: the adapter reads the sub-layer's input x; its output joins h before the model's add."""
+    h, x, norm = site.hidden, site.residual, site.norm
+    out = site.output
+    emit = _emitter(gm, site, adapter)
+    adapted = emit.call_module(module_path, (x, None, *_shared_inputs(emit, shared_path, names)))
+    summed = emit.call_function(aten.add.Tensor, (adapted, h))
+    if config.original_ln_after:
+        summed = emit.call_function(aten.add.Tensor, (summed, x))
+        final = emit.copy(norm, {site.add: summed}) if norm is not None else summed
+    else:
+        final = summed
     emit.reroute(out, final)
     return len(emit.created)
