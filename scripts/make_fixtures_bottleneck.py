@@ -3,7 +3,7 @@
 Cases: par_bn / scaled_par_bn, gated and AdapterPlus (channel-scaled) adapters, Compacter / Compacter++
 (PHM layers with shared parameters) and invertible adapters, on the tiny base models that
 ``scripts/make_reference_fixtures.py`` saved under ``tests/fixtures/reference/models`` (reused, not rebuilt).
-Same layout and checks as that script (see ``docs/fixtures.md``); two twists, both documented there:
+Same layout and checks as that script (see ``docs/fixtures.md``), with two twists (also in ``docs/methods.md``):
 
 - adapters 1.3.0 does not save a Compacter's shared parameters from a *bare* base model (its save
   filter looks for ``.shared_parameters.NAME.`` with a leading dot, which ``shared_parameters.NAME.phm_rule``

@@ -87,6 +87,12 @@ def load_into(gm: fx.GraphModule, placements: list, directory: Path, path: str, 
         prefix = _strip(placement.reference_module, base_prefix) + f".{saved_name or placement.adapter}."
         for name, tensor in module.state_dict().items():
             key = prefix + name
+            if key not in weights and placement.reference_module == "shared_parameters":
+                # adapters <= 1.3.0 drops shared Compacter tensors when saving from a bare base model.
+                raise UserError(f"{path}: checkpoint {directory} lacks the shared tensor {key!r}; adapters 1.3.0 "
+                                "does not save a Compacter's shared parameters from a model without a head, so "
+                                "this checkpoint cannot reproduce its adapter. Re-save it from a model with a head, "
+                                "or add the tensor under that key.")
             if key not in weights:
                 raise UserError(f"{path}: checkpoint {directory} lacks {key!r} (needed for the adapter at "
                                 f"{placement.role}, layer {placement.layer}); it was saved for another model or "
