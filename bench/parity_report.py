@@ -22,8 +22,8 @@ def main() -> None:
     for case in cases:
         with tempfile.TemporaryDirectory() as tmp:
             _, errors, change = evaluate_case(case, Path(tmp) / "out")
-        worst = {f: max(worst[f], errors[f]) for f in FORMATS}
-        print(f"{case:<30}" + "".join(f"{errors[f]:>14.2e}" for f in FORMATS) + f"{change:>16.2e}")
+        worst = {f: max(worst[f], errors[f][0]) for f in FORMATS}
+        print(f"{case:<30}" + "".join(f"{errors[f][0]:>14.2e}" for f in FORMATS) + f"{change:>16.2e}")
     print(f"{len(cases)} fixtures; max abs error: " + ", ".join(f"{f} {worst[f]:.2e}" for f in FORMATS))
 
 

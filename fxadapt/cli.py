@@ -47,14 +47,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     formats = _formats(args.format)
     _say(f"fxadapt compile {args.model} --spec {args.spec} -> {args.output}")
-    result = compile_model(args.model, spec, Path(args.output), formats, args.task, args.atol, _progress(start))
-    report = report_json(result, spec, args.atol)
+    result = compile_model(args.model, spec, Path(args.output), formats, args.task, args.atol, _progress(start),
+                           rtol=args.rtol)
+    report = report_json(result, spec, (args.atol, args.rtol))
     print()
     for check in result.checks:
         for error in check.errors:
             mark = "ok" if error.ok else "FAIL"
             print(f"  [{mark:>4}] {check.artifact:<12} {check.shape:<6} {error.name:<22} max abs {error.max_abs:.1e}"
-                  f"  rel {error.max_rel:.1e}  (atol {args.atol:g})")
+                  f"  rel {error.max_rel:.1e}  (atol {args.atol:g}, rtol {args.rtol:g})")
     placements = report["sites"]
     adapters = ", ".join(f"{n} ({a['method']})" for n, a in report["spec"]["adapters"].items()
                          if n in spec.active)
@@ -66,7 +67,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                      if "path" in a))
     print(f"  report    {Path(args.output) / 'report.json'}  ({time.perf_counter() - start:.1f}s)")
     if not result.ok:
-        _say("verification failed: some outputs differ from the eager reference by more than --atol "
+        _say("verification failed: some outputs differ from the eager reference beyond --atol/--rtol "
              "(artifacts kept; see report.json).")
         return 3
     return 0
@@ -122,7 +123,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True, help="composition spec (JSON)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--format", default="all", help="onnx, torchscript, pt2, a comma list, or all (default)")
-    p.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed per output (default 1e-4)")
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance per element (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-4,
+                   help="relative tolerance: ok where max|a - r| <= atol + rtol * max|r| (default 1e-4)")
     p.set_defaults(run=cmd_compile)
 
     p = sub.add_parser("sites", help="print the adapter sites found in a model, per layer")

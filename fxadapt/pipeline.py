@@ -141,18 +141,22 @@ def optimize(result: Result, spec: Spec, progress: Progress = lambda _: None,
 
 
 def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, formats: tuple[str, ...] = ("onnx",),
-                  task: str | None = None, atol: float = 1e-4, progress: Progress = lambda _: None) -> Result:
-    """The whole pipeline; writes OUT/model.onnx (etc.) and OUT/report.json."""
+                  task: str | None = None, atol: float = 1e-4, progress: Progress = lambda _: None,
+                  rtol: float = 1e-4,
+                  built: Result | None = None) -> Result:
+    """The whole pipeline; writes OUT/model.onnx (etc.) and OUT/report.json. `built` is an already captured
+    and rewritten graph (AdaptedModel.compile); `model` is then only its description."""
     out_dir = Path(out_dir)
     staging = _staging_dir(out_dir)
     try:
-        result = build(model, spec, task=task, progress=progress)
+        result = built if built is not None else build(model, spec, task=task, progress=progress)
         shapes = verification_shapes(result.captured)
         with torch.no_grad():
             references = {name: flatten_outputs(result.graph(**inputs)) for name, inputs in shapes}
         optimize(result, spec, progress)
-        _export_all(result, spec, formats, staging, shapes, references, atol, progress)
-        _write_report(result, spec, staging, atol)
+        tolerance = (atol, rtol)
+        _export_all(result, spec, formats, staging, shapes, references, tolerance, progress)
+        _write_report(result, spec, staging, tolerance)
         _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -160,19 +164,20 @@ def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, forma
     return result
 
 
-def _check(result: Result, artifact: str, run: Callable[[dict], list], shapes, references, atol: float) -> None:
+def _check(result: Result, artifact: str, run: Callable[[dict], list], shapes, references,
+           tolerance: tuple[float, float]) -> None:
     names = result.captured.output_names
     for shape, inputs in shapes:
-        result.checks.append(Check(artifact, shape, compare(names, references[shape], run(inputs), atol)))
+        result.checks.append(Check(artifact, shape, compare(names, references[shape], run(inputs), *tolerance)))
 
 
-def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, references, atol, progress) -> None:
+def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, references, tolerance, progress) -> None:
     from .capture import export_program
     from .export.onnx import export_onnx, run_onnx
 
     captured = result.captured
     stage = _Timer(result.timings, progress)
-    _check(result, "graph", lambda inputs: flatten_outputs(result.graph(**inputs)), shapes, references, atol)
+    _check(result, "graph", lambda inputs: flatten_outputs(result.graph(**inputs)), shapes, references, tolerance)
     with stage("reexport", "re-exporting the rewritten graph"):
         ep = export_program(result.graph, captured.example_inputs, captured.dynamic_shapes)
     if "onnx" in formats:
@@ -181,7 +186,7 @@ def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, refe
             info = export_onnx(ep, path, captured.output_names)
         result.artifacts["onnx"] = {"path": "model.onnx", **info}
         with stage("onnx_verify", "verifying ONNX Runtime outputs"):
-            _check(result, "onnx", lambda inputs: run_onnx(path, inputs), shapes, references, atol)
+            _check(result, "onnx", lambda inputs: run_onnx(path, inputs), shapes, references, tolerance)
     if "torchscript" in formats:
         from .export.torchscript import export_torchscript
 
@@ -191,7 +196,7 @@ def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, refe
         result.artifacts["torchscript"] = {"path": "model.ts"}
         with stage("torchscript_verify", "verifying TorchScript outputs"), torch.no_grad():
             _check(result, "torchscript", lambda inputs: list(scripted(*[inputs[n] for n in captured.input_names])),
-                   shapes, references, atol)
+                   shapes, references, tolerance)
     if "pt2" in formats:
         path = staging / "model.pt2"
         with stage("pt2", "saving the ExportedProgram (.pt2)"):
@@ -199,7 +204,7 @@ def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, refe
         result.artifacts["pt2"] = {"path": "model.pt2"}
         loaded = torch.export.load(str(path)).module()
         with torch.no_grad():
-            _check(result, "pt2", lambda inputs: flatten_outputs(loaded(**inputs)), shapes, references, atol)
+            _check(result, "pt2", lambda inputs: flatten_outputs(loaded(**inputs)), shapes, references, tolerance)
 
 
 class _quiet_onnx:
@@ -214,7 +219,7 @@ class _quiet_onnx:
         self.logger.setLevel(self.level)
 
 
-def report_json(result: Result, spec: Spec, atol: float) -> dict[str, Any]:
+def report_json(result: Result, spec: Spec, tolerance: tuple[float, float]) -> dict[str, Any]:
     placements = result.graph.meta.get("fxadapt", {}).get("placements", [])
     artifacts: dict[str, Any] = {"graph": {}}
     artifacts.update({k: dict(v) for k, v in result.artifacts.items()})
@@ -234,15 +239,15 @@ def report_json(result: Result, spec: Spec, atol: float) -> dict[str, Any]:
         "sites": [{"adapter": p.adapter, "method": p.method, "site": p.role, "layer": p.layer,
                    "module": p.module_path, "reference_module": p.reference_module} for p in placements],
         "passes": result.pass_counts,
-        "tolerance": {"atol": atol},
+        "tolerance": {"atol": tolerance[0], "rtol": tolerance[1], "rule": "max|a - r| <= atol + rtol * max|r|"},
         "artifacts": artifacts,
         "ok": result.ok,
         "timings_s": result.timings,
     }
 
 
-def _write_report(result: Result, spec: Spec, staging: Path, atol: float) -> None:
-    (staging / "report.json").write_text(json.dumps(report_json(result, spec, atol), indent=2) + "\n")
+def _write_report(result: Result, spec: Spec, staging: Path, tolerance: tuple[float, float]) -> None:
+    (staging / "report.json").write_text(json.dumps(report_json(result, spec, tolerance), indent=2) + "\n")
 
 
 def _staging_dir(out_dir: Path) -> Path:

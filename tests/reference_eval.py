@@ -11,20 +11,22 @@ import torch
 from conftest import REFERENCE, load_case
 from fxadapt.capture import flatten_outputs
 from fxadapt.export.onnx import run_onnx
+from fxadapt.export.verify import compare
 from fxadapt.pipeline import Result, compile_model
 from fxadapt.spec import parse_spec
 
 FORMATS = ("graph", "onnx", "torchscript")
 
 
-def evaluate_case(case: str, out_dir: Path, atol: float = 1e-5) -> tuple[Result, dict[str, float], float]:
-    """(compile result, max abs error per format vs the reference, min |reference - base| change)."""
+def evaluate_case(case: str, out_dir: Path, atol: float = 1e-5) -> tuple[Result, dict[str, tuple[float, bool]], float]:
+    """(compile result, per format (max abs error vs the reference, within atol + atol · max|ref|),
+    min |reference - base| change)."""
     info, io = load_case(case)
     # The reference computes LoRA unmerged; merging's float rounding is tested in test_merge_lora.py.
     spec = parse_spec({"adapters": {"a": {"load": str(REFERENCE / "cases" / case / "adapter")}}, "active": "a",
                        "optimize": {"merge_lora": False}})
     result = compile_model(str(REFERENCE / "models" / info["arch"]), spec, out_dir, ("onnx", "torchscript"),
-                           atol=atol)
+                           atol=atol, rtol=atol)
     inputs = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
     names = result.captured.output_names
     with torch.no_grad():
@@ -33,8 +35,11 @@ def evaluate_case(case: str, out_dir: Path, atol: float = 1e-5) -> tuple[Result,
             "onnx": [torch.from_numpy(a) for a in run_onnx(out_dir / "model.onnx", inputs)],
             "torchscript": list(torch.jit.load(str(out_dir / "model.ts"))(*[inputs[n] for n in names_in(result)])),
         }
-    errors = {fmt: max((outputs[fmt][names.index(f)] - io[f"out.{f}"]).abs().max().item() for f in info["outputs"])
-              for fmt in FORMATS}
+    errors = {}
+    for fmt in FORMATS:
+        pairs = [(outputs[fmt][names.index(f)], io[f"out.{f}"]) for f in info["outputs"]]
+        errors[fmt] = (max((got - ref).abs().max().item() for got, ref in pairs),
+                       all(compare(["out"], [ref], [got], atol, atol)[0].ok for got, ref in pairs))
     change = min((io[f"out.{f}"] - io[f"out_base.{f}"]).abs().max().item() for f in info["outputs"])
     return result, errors, change
 

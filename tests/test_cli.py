@@ -38,7 +38,7 @@ def test_verification_failure_exits_3_and_keeps_artifacts(tmp_path, capsys):
     spec.write_text(json.dumps({"adapters": {"s": "seq_bn"}}))
     out = tmp_path / "out"
     # An impossible tolerance: the export is correct but not bit-exact, so verification must fail.
-    assert main(["compile", "--spec", str(spec), "-o", str(out), "--format", "onnx", "--atol", "0"]) == 3
+    assert main(["compile", "--spec", str(spec), "-o", str(out), "--format", "onnx", "--atol", "0", "--rtol", "0"]) == 3
     assert "verification failed" in capsys.readouterr().err
     assert (out / "model.onnx").is_file() and not json.loads((out / "report.json").read_text())["ok"]
 
