@@ -184,3 +184,16 @@ def test_glow_and_lm_head_reverse_export(tmp_path):
     result = compile_model(model, spec, tmp_path / "out", ("onnx", "torchscript"), atol=1e-5)
     assert result.ok, [c for c in result.checks if not c.ok]
     assert {c.artifact for c in result.checks} >= {"onnx", "torchscript"}
+
+
+def test_stochastic_depth_drops_whole_samples_in_training_only():
+    from fxadapt.methods.bottleneck import Bottleneck
+
+    module = Bottleneck(32, 4, config_of("adapterplus[reduction_factor=8,stochastic_depth=0.5]"))
+    torch.nn.init.normal_(module.adapter_up.weight)
+    x = torch.randn(64, 3, 32)
+    with torch.no_grad():
+        assert torch.equal(module.eval()(x, x), module(x, x))  # eval: deterministic, nothing dropped
+        torch.manual_seed(0)
+        dropped = (module.train()(x, x) == x).flatten(1).all(1)  # a dropped sample keeps only its residual
+    assert 0 < int(dropped.sum()) < 64

@@ -83,7 +83,7 @@ class Config(MethodConfig):
     hypercomplex_nonlinearity: str | None = "glorot-uniform"
     phm_rank: int | None = 1
     phm_bias: bool | None = True
-    stochastic_depth: float | None = 0.0  # training-time only (DropPath): no effect on the exported forward
+    stochastic_depth: float | None = 0.0  # DropPath in training only: the identity in the exported (eval) forward
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], path: str) -> MethodConfig:
@@ -206,6 +206,8 @@ class Bottleneck(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.parallel = config.is_parallel
         self.residual_first = config.adapter_residual_before_ln
+        # Only the sequential Adapter has the reference's DropPath (ParallelAdapter ignores stochastic_depth).
+        self.stochastic_depth = 0.0 if config.is_parallel else float(config.stochastic_depth or 0.0)
         _init(self, config.init_weights)
 
     def _project(self, layer: nn.Module, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -216,7 +218,10 @@ class Bottleneck(nn.Module):
         down = x
         for layer in self.adapter_down:
             down = self._project(layer, down, tensors)
-        out = self.dropout(self._project(self.adapter_up, down, tensors) * self.scaling)
+        up = self._project(self.adapter_up, down, tensors)
+        if self.training and self.stochastic_depth > 0.0:
+            up = _drop_path(up, self.stochastic_depth)
+        out = self.dropout(up * self.scaling)
         if hasattr(self, "gate"):
             out = out * torch.mean(torch.sigmoid(self.gate(x)), dim=1).unsqueeze(-1)
         if self.parallel:  # ParallelAdapter.forward: no residual inside the adapter
@@ -228,6 +233,12 @@ class Bottleneck(nn.Module):
         if not self.residual_first:
             out = out + residual
         return out
+
+
+def _drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
+    """torchvision's StochasticDepth(p, mode="row"): drop whole samples in training, rescale the rest."""
+    keep = x.new_empty([x.shape[0]] + [1] * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep.div_(1.0 - p)
 
 
 def _init(module: Bottleneck, scheme: str) -> None:
