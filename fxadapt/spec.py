@@ -123,6 +123,12 @@ def _adapter(name: str, value: Any, path: str, base_dir: Path) -> AdapterDef:
     return AdapterDef(name, module, module.Config.from_dict(value, path), path)
 
 
+def resolve_adapter(name: str, value: Any, path: str, base_dir: Path = Path(".")) -> AdapterDef:
+    """One adapter definition (config string, config object or {"load": DIR}) resolved exactly as in a spec;
+    the Python API (`AdaptedModel.add_adapter`/`load_adapter`) uses it."""
+    return _adapter(name, value, path, base_dir)
+
+
 def _active(value: Any, adapters: dict[str, AdapterDef]) -> list[str]:
     if value is None:
         if len(adapters) == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -120,14 +121,27 @@ def save(gm: fx.GraphModule, placements: list, directory: Path, name: str, confi
             tensors[f"{placement.reference_module}.{name}.{key}"] = tensor.detach().contiguous().clone()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    save_file(tensors, str(tmp / WEIGHT_FILES[0]))
-    (tmp / CONFIG_FILE).write_text(json.dumps({"config": config, "name": name, **extra}, indent=2))
-    if directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        for file in old.iterdir():
-            file.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, directory)
+    try:
+        save_file(tensors, str(tmp / WEIGHT_FILES[0]))
+        (tmp / CONFIG_FILE).write_text(json.dumps({"config": config, "name": name, **extra}, indent=2))
+        replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves the previous files as they were
+        raise
+
+
+def replace_dir(staged: Path, directory: Path) -> None:
+    """Move a finished directory to `directory`; an existing one is removed only once the new one is in place,
+    and put back if that move fails."""
+    if not directory.exists():
+        os.replace(staged, directory)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+    os.rmdir(old)
+    os.replace(directory, old)
+    try:
+        os.replace(staged, directory)
+    except BaseException:
+        os.replace(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

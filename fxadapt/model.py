@@ -1,0 +1,389 @@
+"""`fxadapt.adapt(model)` -> AdaptedModel: the adapter lifecycle of AdapterHub `adapters`, on a captured graph.
+
+The model is captured once (torch.export). Every change of the adapter setup (add/delete/activate,
+merge/reset) lowers it again: a fresh copy of the pristine graph -> find_sites -> insert_adapters ->
+the persistent adapter modules kept in `self.fxadapt` swapped in (lifecycle/lowering.py). Base weights
+live once, in `self.base` (the captured GraphModule); the lowered graph shares them and is not a
+registered submodule, so `parameters()`/`state_dict()` list every tensor exactly once:
+
+    base.<model parameter>          the captured model (frozen by train_adapter, except a task head)
+    fxadapt.<adapter>.<site>.<p>    adapter modules, named like the reference's (adapter_down.0, lora_A)
+    heads.<head>.<i>.<p>            flex heads added with add_classification_head
+
+Method names and semantics follow `adapters` 1.3.0 (model_mixin.py); see docs/lifecycle.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from . import methods
+from .errors import UserError
+from .graph_edit import slug
+from .lifecycle import checkpointing, exporting, summary
+from .lifecycle.adapter_io import AdapterIOMixin
+from .lifecycle.base_graph import capture_base, unlock_modes
+from .lifecycle.combining import CombiningMixin
+from .lifecycle.heads import ClassificationHead, loss_type_of, task_loss
+from .lifecycle.lowering import REGISTRY, Lowered, instantiate, lower
+from .lifecycle.modes import attention_dropout_of, set_mode
+from .methods.base import MethodConfig, Placement
+from .spec import AdapterDef, Spec, resolve_adapter
+
+_OPTIONAL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
+                    "decoder_input_ids")
+
+
+def adapt(model: nn.Module | str, example_inputs: dict[str, torch.Tensor] | None = None, task: str | None = None,
+          attention_dropout: float | None = None) -> AdaptedModel:
+    """Capture `model` (an nn.Module, a Hugging Face directory / hub id, or `builtin:NAME`) for adapters.
+
+    `example_inputs` (batch >= 2) chooses the forward inputs; by default input_ids and attention_mask.
+    `attention_dropout` overrides the attention-probability dropout used in training mode (lifecycle/modes.py).
+    """
+    captured, eager = capture_base(model, example_inputs, task)
+    return AdaptedModel(captured, eager, attention_dropout)
+
+
+class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
+    """A captured model with AdapterHub-style adapter management; `forward` runs the lowered graph."""
+
+    supports_gradient_checkpointing = True
+
+    def __init__(self, captured, eager: nn.Module | None = None, attention_dropout: float | None = None) -> None:
+        super().__init__()
+        unlock_modes(captured.module)
+        self.base = captured.module
+        setattr(self, REGISTRY, nn.ModuleDict())
+        self.heads = nn.ModuleDict()
+        self.captured = captured
+        self.config = captured.config
+        self.main_input_name = captured.input_names[0]
+        self._adapters: dict[str, AdapterDef] = {}
+        self._placements: dict[str, list[Placement]] = {}
+        self._active: list[str] = []
+        self._merged: list[str] = []
+        self.active_head: str | None = None
+        self._prefix = captured.info.get("base_model_prefix", "")
+        self._hidden = getattr(self.config, "hidden_size", None)
+        self._loss_type = loss_type_of(eager, captured.info.get("class", ""))
+        # Trainer passes num_items_in_batch only to models that say they use it (the LM losses do).
+        self.accepts_loss_kwargs = self._loss_type in ("ForCausalLM", "ForMaskedLM")
+        self._attention_dropout = attention_dropout if attention_dropout is not None else attention_dropout_of(
+            self.config)
+        self._checkpointing = False
+        self.training = False  # captured in eval mode; lowered as such
+        self._relower()
+        self.eval()
+
+    # -- the lowered graph ---------------------------------------------------------------------------------
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The graph that `forward` runs: the base graph with the active adapters inserted."""
+        return self._lowered_graph
+
+    def _relower(self) -> None:
+        lowered = lower(self.base, self._adapters, self._active, self._merged, self, self._prefix, self._hidden)
+        self._set_lowered(lowered)
+
+    def _set_lowered(self, lowered: Lowered) -> None:
+        graph = lowered.graph
+        if self.training:
+            set_mode(graph, True, self._attention_dropout)
+        if self._checkpointing:
+            graph = checkpointing.split_by_layer(graph)
+        # Not a registered submodule: it shares base's and the registry's tensors (see the module docstring).
+        object.__setattr__(self, "_lowered", lowered)
+        object.__setattr__(self, "_lowered_graph", graph)
+
+    def train(self, mode: bool = True) -> AdaptedModel:
+        """Train/eval mode: dropout flags in the graph (lifecycle/modes.py), adapters' and heads' own modules."""
+        self.training = mode
+        for child in self.children():
+            child.train(mode)
+        if "_lowered_graph" in self.__dict__:
+            set_mode(self._lowered_graph, mode, self._attention_dropout)
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if "_lowered" in self.__dict__:
+            self._relower()  # .to()/.half() may replace buffer objects: bind the graph to the new ones
+        return self
+
+    # -- adapters ------------------------------------------------------------------------------------------
+    def _definition(self, name: str, config: Any, path: str) -> AdapterDef:
+        if isinstance(config, MethodConfig):
+            modules = [*methods.BY_ARCHITECTURE.values(), *(m for m, _ in methods.PRESETS.values())]
+            module = next((m for m in modules if type(config) is m.Config), None)
+            if module is None:
+                raise UserError(f"{path}: {type(config).__name__} is not the config class of a registered method.")
+            config = copy.deepcopy(config)
+            config.validate(path)
+            return AdapterDef(name, module, config, path)
+        if isinstance(config, str | dict):
+            return resolve_adapter(name, config, path)
+        raise UserError(f"{path}: expected a config string such as \"lora[r=8]\", a config dict or a MethodConfig, "
+                        f"got {type(config).__name__}.")
+
+    def _check_new(self, name: str, overwrite_ok: bool, path: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise UserError(f"{path}: an adapter name must be a non-empty string, got {name!r}.")
+        if name in self._adapters:
+            if not overwrite_ok:
+                raise UserError(f"{path}: an adapter named {name!r} already exists; delete_adapter({name!r}) first or "
+                                "pass overwrite_ok=True.")
+            self.delete_adapter(name)
+        clash = next((n for n in self._adapters if slug(n) == slug(name)), None)
+        if clash is not None:
+            raise UserError(f"{path}: adapter names {name!r} and {clash!r} map to the same module name "
+                            f"{slug(name)!r}; choose another name.")
+
+    def _require(self, names: list[str], path: str) -> None:
+        for name in names:
+            if name not in self._adapters:
+                known = ", ".join(map(repr, self._adapters)) or "none (add one with add_adapter)"
+                raise UserError(f"{path}: unknown adapter {name!r}; added adapters: {known}.")
+
+    def _names(self, setup: Any, path: str) -> list[str]:
+        """An adapter setup (a name, a list of names, or None) as a list of names."""
+        if setup is None:
+            return []
+        names = [setup] if isinstance(setup, str) else list(setup) if isinstance(setup, list | tuple) else None
+        if names is None or not all(isinstance(n, str) for n in names):
+            raise UserError(f"{path}: expected an adapter name or a list of names, got {setup!r}; composition "
+                            "blocks (Stack, Parallel, Fuse, ...) are not supported by the Python API yet.")
+        self._require(names, path)
+        if len(names) > 1 and any(self._adapters[n].config.architecture != "lora" for n in names):
+            raise UserError(f"{path}: activating several adapters at once is supported for LoRA-family adapters only "
+                            "(their updates add up, the reference's Stack); activate one bottleneck adapter.")
+        return list(dict.fromkeys(names))
+
+    def add_adapter(self, adapter_name: str, config: Any = "seq_bn", overwrite_ok: bool = False,
+                    set_active: bool = False) -> None:
+        """Add a new adapter (initialised as its method does); `config` as in a spec, or a MethodConfig."""
+        path = f"add_adapter({adapter_name!r})"
+        self._check_new(adapter_name, overwrite_ok, path)
+        self._add(self._definition(adapter_name, config, path))
+        if set_active:
+            self.set_active_adapters(adapter_name)
+
+    def _add(self, adapter: AdapterDef) -> tuple[fx.GraphModule, list[Placement]]:
+        gm, placements = instantiate(self.base, adapter, self, self._prefix, self._hidden)
+        self._adapters[adapter.name] = adapter
+        self._placements[adapter.name] = placements
+        return gm, placements
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._require([adapter_name], f"delete_adapter({adapter_name!r})")
+        del self._adapters[adapter_name], self._placements[adapter_name]
+        registry = getattr(self, REGISTRY)
+        if slug(adapter_name) in registry:
+            del registry[slug(adapter_name)]
+        relower = adapter_name in self._active or adapter_name in self._merged
+        self._active = [n for n in self._active if n != adapter_name]
+        self._merged = [n for n in self._merged if n != adapter_name]
+        if relower:
+            self._relower()
+
+    def set_active_adapters(self, adapter_setup: Any) -> None:
+        """Activate an adapter (or several LoRA-family adapters); None deactivates all. Re-lowers the graph."""
+        self._active = self._names(adapter_setup, "set_active_adapters")
+        if len(self._active) == 1 and self._active[0] in self.heads:
+            self.active_head = self._active[0]  # as the reference: a head named like the adapter follows it
+        self._relower()
+
+    @property
+    def active_adapters(self) -> list[str] | None:
+        return list(self._active) or None
+
+    @active_adapters.setter
+    def active_adapters(self, adapter_setup: Any) -> None:
+        self.set_active_adapters(adapter_setup)
+
+    @property
+    def adapters(self) -> dict[str, AdapterDef]:
+        return dict(self._adapters)
+
+    def adapter_modules(self, adapter_name: str) -> list[nn.Module]:
+        return [getattr(self, REGISTRY)[slug(adapter_name)][p.module_path.rpartition(".")[2]]
+                for p in self._placements[adapter_name]]
+
+    # -- training ------------------------------------------------------------------------------------------
+    def _head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the captured model's task head (outside its base model), not tied to base weights."""
+        inside = {id(p) for n, p in self.base.named_parameters(remove_duplicate=False)
+                  if self._prefix and n.startswith(self._prefix + ".")}
+        if not inside:  # a bare model (BertModel): everything is base model
+            return []
+        return [p for n, p in self.base.named_parameters() if not n.startswith(self._prefix + ".") and id(p) not in
+                inside]
+
+    def _input_embeddings(self) -> list[nn.Parameter]:
+        """The token embedding table(s): weights of `embedding` ops indexed by the input_ids placeholder."""
+        graph = self._lowered.graph
+        ids = [n for n in graph.graph.nodes if n.op == "placeholder" and n.name == "input_ids"]
+        return [graph.get_parameter(n.args[0].target) for n in graph.graph.nodes
+                if n.op == "call_function" and "embedding" in str(n.target) and n.args[1:2] == tuple(ids[:1])
+                and getattr(n.args[0], "op", "") == "get_attr"]
+
+    def freeze_model(self, freeze: bool = True) -> None:
+        """Freeze (or unfreeze, for full fine-tuning) every weight of the captured model."""
+        for param in self.base.parameters():
+            param.requires_grad = not freeze
+
+    def train_adapter(self, adapter_setup: Any, train_embeddings: bool = False) -> None:
+        """Activate `adapter_setup` and make only its adapters (and task heads) trainable, as the reference does."""
+        path = f"train_adapter({adapter_setup!r})"
+        names = self._names(adapter_setup, path)
+        if not names:
+            raise UserError(f"{path}: nothing to train; pass the name of an added adapter.")
+        merged = [n for n in names if n in self._merged]
+        if merged:
+            raise UserError(f"{path}: adapter {merged[0]!r} is merged into the weights; call reset_adapter() before "
+                            "training it.")
+        self.freeze_model(True)
+        for param in self._head_parameters():
+            param.requires_grad = True
+        if train_embeddings:
+            for param in self._input_embeddings():
+                param.requires_grad = True
+        for name in self._adapters:
+            for param in nn.ModuleList(self.adapter_modules(name)).parameters():
+                param.requires_grad = name in names
+        for param in self.heads.parameters():
+            param.requires_grad = True
+        if not any(p.requires_grad for n in names for m in self.adapter_modules(n) for p in m.parameters()):
+            raise UserError(f"{path}: {', '.join(map(repr, names))} has no trainable parameters.")
+        self.set_active_adapters(names)
+        self.train()
+
+    def add_adapter_fusion(self, *args, **kwargs) -> None:
+        raise UserError("add_adapter_fusion: AdapterFusion is not supported by fxadapt's Python API yet.")
+
+    def train_adapter_fusion(self, *args, **kwargs) -> None:
+        raise UserError("train_adapter_fusion: AdapterFusion is not supported by fxadapt's Python API yet.")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint activations per transformer layer (lifecycle/checkpointing.py)."""
+        self._checkpointing = True
+        self._relower()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._checkpointing = False
+        self._relower()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._checkpointing
+
+    # -- heads ---------------------------------------------------------------------------------------------
+    def add_classification_head(self, head_name: str, num_labels: int = 2, layers: int = 2,
+                                activation_function: str | None = "tanh", overwrite_ok: bool = False,
+                                dropout_prob: float | None = None, set_active: bool = True) -> None:
+        """A flex classification head on the first token (lifecycle/heads.py); active unless set_active=False."""
+        path = f"add_classification_head({head_name!r})"
+        if "last_hidden_state" not in self.captured.output_names:
+            raise UserError(f"{path}: the captured model has no last_hidden_state output (it returns "
+                            f"{', '.join(self.captured.output_names)}); capture a bare encoder such as AutoModel.")
+        if head_name in self.heads and not overwrite_ok:
+            raise UserError(f"{path}: a head named {head_name!r} already exists; pass overwrite_ok=True.")
+        if dropout_prob is None:
+            dropout_prob = next((v for v in (getattr(self.config, "classifier_dropout", None),
+                                             getattr(self.config, "hidden_dropout_prob", None)) if v is not None), 0.0)
+        head = ClassificationHead(self._hidden, num_labels, layers, activation_function, dropout_prob,
+                                  getattr(self.config, "initializer_range", 0.02))
+        device = next(self.base.parameters()).device
+        self.heads[head_name] = head.to(device).train(self.training)
+        if set_active:
+            self.active_head = head_name
+
+    def delete_head(self, head_name: str) -> None:
+        self.heads.pop(head_name)
+        if self.active_head == head_name:
+            self.active_head = None
+
+    # -- forward -------------------------------------------------------------------------------------------
+    def _inputs(self, given: dict[str, Any]) -> dict[str, torch.Tensor]:
+        names = self.captured.input_names
+        inputs = {k: v for k, v in given.items() if v is not None}
+        extra = [k for k in inputs if k not in names]
+        for key in extra:
+            # The model's default token types are zeros: an all-zero tensor changes nothing.
+            if key == "token_type_ids" and isinstance(inputs[key], torch.Tensor) and not inputs[key].any():
+                del inputs[key]
+        extra = [k for k in inputs if k not in names]
+        missing = [k for k in names if k not in inputs]
+        if extra or missing:
+            raise UserError(f"forward: the model was captured with inputs {', '.join(names)}; "
+                            + (f"got unexpected {', '.join(extra)}" if extra else f"missing {', '.join(missing)}")
+                            + ". Pass example_inputs with these inputs to fxadapt.adapt() to capture others.")
+        return {k: inputs[k] for k in names}
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                pixel_values=None, decoder_input_ids=None, labels=None, return_dict: bool | None = None,
+                num_items_in_batch=None, **kwargs):
+        given = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                     position_ids=position_ids, pixel_values=pixel_values, decoder_input_ids=decoder_input_ids,
+                     **kwargs)
+        outputs = self._lowered_graph(**self._inputs(given))
+        if self.active_head is not None:
+            head = self.heads[self.active_head]
+            logits = head.logits(outputs["last_hidden_state"])
+            loss = head.loss(logits, labels) if labels is not None else None
+            outputs = SequenceClassifierOutput(loss=loss, logits=logits)
+        elif labels is not None:
+            loss = task_loss(self._loss_type, outputs, labels, self.config, num_items_in_batch)
+            outputs = type(outputs)(loss=loss, **outputs)
+        return outputs.to_tuple() if return_dict is False else outputs
+
+    def adapter_summary(self, as_dict: bool = False) -> str | list[dict[str, Any]]:
+        entries = {n: (self._adapters[n].method.NAME if n not in self._merged else "merged " +
+                       self._adapters[n].method.NAME, self.adapter_modules(n)) for n in self._adapters}
+        entries.update({f"head {n}": ("classification", [h]) for n, h in self.heads.items()})
+        table = summary.rows(entries, self._active + ([f"head {self.active_head}"] if self.active_head else []),
+                             summary.count([self.base]), summary.trainable([self.base]))
+        return table if as_dict else summary.render(table)
+
+    # -- deployment ----------------------------------------------------------------------------------------
+    def _spec(self, merge_lora: bool) -> Spec:
+        return Spec({n: self._adapters[n] for n in self._active}, list(self._active), {"merge_lora": merge_lora})
+
+    def _fresh(self) -> Lowered:
+        return lower(self.base, self._adapters, self._active, self._merged, self, self._prefix, self._hidden)
+
+    def compile(self, output_dir: str | Path, formats: tuple[str, ...] = ("onnx",), merge_lora: bool = True,
+                atol: float = 1e-4, rtol: float = 1e-4, progress=lambda _: None):
+        """The CLI's artifacts for the current setup: OUT/model.onnx (etc., verified) and OUT/report.json."""
+        head = self.heads[self.active_head] if self.active_head else None
+        with _evaluating(self):
+            return exporting.compile_adapted(self.captured, self._fresh(), head, self._spec(merge_lora),
+                                             Path(output_dir), tuple(formats), (atol, rtol), progress)
+
+    def export(self, merge_lora: bool = True) -> torch.export.ExportedProgram:
+        """The current setup, optimized, as a torch.export ExportedProgram (e.g. for AOTInductor)."""
+        head = self.heads[self.active_head] if self.active_head else None
+        with _evaluating(self):
+            return exporting.export_adapted(self.captured, self._fresh(), head, merge_lora)
+
+
+class _evaluating:
+    """Eval mode for the duration of a block (artifacts are inference graphs), then the previous mode."""
+
+    def __init__(self, model: AdaptedModel) -> None:
+        self.model, self.was = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was)
+
+
+__all__ = ["AdaptedModel", "adapt"]
