@@ -16,8 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import methods
-from .checkpoints import adapterhub
+from . import checkpoints, methods
 from .errors import UserError
 from .methods.base import MethodConfig
 from .methods.config_string import parse_config_string
@@ -108,9 +107,9 @@ def _adapter(name: str, value: Any, path: str, base_dir: Path) -> AdapterDef:
         if extra:
             raise UserError(f"{path}: {{\"load\": DIR}} takes no other keys, got {extra}.")
         directory = (base_dir / value["load"]).resolve()
-        config_values = adapterhub.read_config(directory, f"{path}.load")
-        module = methods.method_for_config(config_values, f"{path}.load")
-        return AdapterDef(name, module, module.Config.from_dict(config_values, f"{path}.load"), path, directory)
+        # AdapterHub or PEFT, by the directory's adapter_config.json.
+        module, config = checkpoints.read_config(directory, f"{path}.load")
+        return AdapterDef(name, module, config, path, directory)
     if "config" in value:
         if not isinstance(value["config"], str):
             raise UserError(f"{path}.config: expected a config name such as \"seq_bn\".")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxadapt.checkpoints import adapterhub
+from fxadapt import checkpoints
 from fxadapt.errors import UserError
 from fxadapt.sites import SiteMap
 from fxadapt.spec import Spec
@@ -33,7 +33,7 @@ def insert_adapters(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix:
                 "config's placement options (attn_matrices, mh_adapter, output_adapter, leave_out)."
             )
         if adapter.load is not None:
-            adapterhub.load_into(gm, found, adapter.load, f"{adapter.path}.load", base_prefix, hidden_size)
+            checkpoints.load_into(gm, found, adapter.load, f"{adapter.path}.load", base_prefix, hidden_size)
         placements += found
         inserted += sum(p.nodes_inserted for p in found)
     gm.meta.setdefault("fxadapt", {})["placements"] = placements
