@@ -234,9 +234,9 @@ def targets(gm: fx.GraphModule, sites: SiteMap, config: Config, path: str) -> li
     chosen = [site for site in projections if is_target(config, site.module, heads)]
     if not chosen:
         names = ", ".join(site.module for site in projections[:6])
-        raise UserError(f"{path}.target_modules: {config.target_modules!r} matches no linear layer of this model "
-                        f"(after exclude_modules/layers_to_transform); its linear layers are e.g. {names}. The "
-                        "checkpoint was probably trained on another architecture.")
+        raise UserError(f"{path}: the PEFT target_modules {config.target_modules!r} match no linear layer of this "
+                        f"model (after exclude_modules/layers_to_transform); its linear layers are e.g. {names}. "
+                        "The checkpoint was probably trained on another architecture.")
     return chosen
 
 
