@@ -146,3 +146,28 @@ def check_sizes(block: Block | str, batch: int | None, seq: int | None) -> None:
                         f"{batch}; BatchSplit pins the batch size, so the sizes must add up to it.")
     for child in block.children:
         check_sizes(child, batch, seq)
+
+
+def pinned_dims(block: Block | str | None) -> dict[str, int]:
+    """The dims a setup fixes: {"batch": sum of the outermost BatchSplit's sizes, "seq": the outermost Split's
+    sum}. The compiled graph is exported with these dims static (report.json's "pinned")."""
+    pins: dict[str, int] = {}
+    if not isinstance(block, Block):
+        return pins
+    if block.kind == "batch_split":
+        pins["batch"] = sum(block.splits)
+    if block.kind == "split":
+        pins["seq"] = sum(block.splits)
+    for child in block.children:
+        for key, value in pinned_dims(child).items():
+            pins.setdefault(key, value)
+    return pins
+
+
+def multi_task_children(block: Block | str | None) -> int:
+    """How many tasks a multi_task block routes to (0 when the setup has none)."""
+    if not isinstance(block, Block):
+        return 0
+    if block.kind == "multi_task":
+        return len(block.children)
+    return max((multi_task_children(c) for c in block.children), default=0)

@@ -97,7 +97,12 @@ def verification_shapes(captured: Captured) -> list[tuple[str, dict[str, torch.T
     example = captured.example_inputs
     first = next(iter(example.values()))
     seq = first.shape[1] if first.dim() > 1 and "pixel_values" not in example else None
-    second = captured.inputs(3, 5 if seq != 5 else 6, seed=7)
+    # Static dims (pinned by BatchSplit / Split, or captured from given example inputs) keep their size.
+    dims = captured.dynamic_shapes.get(next(iter(example)), {0: None, 1: None})
+    batch = 3 if 0 in dims else first.shape[0]
+    second = captured.inputs(batch, (5 if seq != 5 else 6) if 1 in dims or seq is None else seq, seed=7)
+    if "task_ids" in example:  # MultiTask: route the rows to every child in turn
+        second["task_ids"] = torch.arange(batch) % (int(example["task_ids"].max()) + 1)
     def describe(inputs):
         return "x".join(str(d) for d in next(iter(inputs.values())).shape[:2 if seq else 1])
     return [(describe(example), example), (describe(second), second)]
@@ -108,8 +113,22 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
     """Capture and rewrite (no export): the GraphModule with adapters, and the reference outputs."""
     timings: dict[str, float] = {}
     stage = _Timer(timings, progress)
+    from .composition import multi_task_children, pinned_dims
+
+    pins = pinned_dims(spec.setup)
+    tasks = multi_task_children(spec.setup)
+    if tasks:  # MultiTask routes rows by a task_ids input: capture the model with it
+        from .compose.task_inputs import with_task_ids
+
+        model, example_inputs = with_task_ids(model, example_inputs, task, tasks)
+        pins.setdefault("seq", next(iter(example_inputs.values())).shape[1])  # captured from given inputs
     with stage("capture", "capturing the model with torch.export"):
-        captured = capture(model, example_inputs, task=task)
+        captured = capture(model, example_inputs, task=task, **pins)
+    if spec.setup is not None:
+        from .composition import check_sizes
+
+        first = next(iter(captured.example_inputs.values()))
+        check_sizes(spec.setup, first.shape[0], first.shape[1] if first.dim() > 1 else None)
     gm = captured.module
     with stage("sites", "finding adapter sites"):
         sites = find_sites(gm)
@@ -120,6 +139,12 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
                                                      hidden_size=hidden))]
     with stage("rewrite", "inserting adapters"):
         gm, counts = run_passes(gm, rewrite)
+    if pins:  # re-export with the pinned dims static
+        captured.info["pinned"] = pins
+        for dims in captured.dynamic_shapes.values():
+            for axis, key in ((0, "batch"), (1, "seq")):
+                if key in pins and axis in dims:
+                    del dims[axis]
     if snapshot:
         snapshots.append(snapshot(gm, "rewritten"))
     result = Result(captured, sites, gm, counts, timings=timings, snapshots=snapshots)
@@ -239,6 +264,7 @@ def report_json(result: Result, spec: Spec, tolerance: tuple[float, float]) -> d
         "sites": [{"adapter": p.adapter, "method": p.method, "site": p.role, "layer": p.layer,
                    "module": p.module_path, "reference_module": p.reference_module} for p in placements],
         "passes": result.pass_counts,
+        "pinned": result.captured.info.get("pinned", {}),
         "tolerance": {"atol": tolerance[0], "rtol": tolerance[1], "rule": "max|a - r| <= atol + rtol * max|r|"},
         "artifacts": artifacts,
         "ok": result.ok,

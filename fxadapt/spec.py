@@ -47,10 +47,17 @@ class Spec:
     adapters: dict[str, AdapterDef]
     active: list[str]
     optimize: dict[str, bool] = field(default_factory=lambda: dict(_OPTIMIZE_KEYS))
+    # The parsed "active" composition (fxadapt.composition.Block) or None for a single adapter; `active`
+    # lists its adapters in order. `fusions`: AdapterFusion definitions (fxadapt.compose.fusion_spec).
+    setup: Any = None
+    fusions: list = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"adapters": {n: a.to_json() for n, a in self.adapters.items()}, "active": self.active,
+        data = {"adapters": {n: a.to_json() for n, a in self.adapters.items()}, "active": self.active,
                 "optimize": self.optimize}
+        if self.setup is not None:
+            data.update(active=self.setup.to_json(), fusions=[f.to_json() for f in self.fusions])
+        return data
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -79,16 +86,26 @@ def parse_spec(data: Any, base_dir: Path = Path(".")) -> Spec:
     if not isinstance(raw_adapters, dict) or not raw_adapters:
         raise UserError("$.adapters: expected a non-empty object mapping adapter names to definitions.")
     adapters = {name: _adapter(name, value, f"$.adapters.{name}", base_dir) for name, value in raw_adapters.items()}
-    if data.get("fusions"):
-        raise UserError("$.fusions: AdapterFusion is not supported by fxadapt yet; remove \"fusions\".")
-    active = _active(data.get("active"), adapters)
+    from .compose.fusion_spec import parse_fusions
+    from .composition import parse_composition
+
+    setup = None
+    if isinstance(data.get("active"), dict):  # a composition block (fxadapt/composition.py)
+        setup = parse_composition(data["active"], set(adapters))
+    fusions = parse_fusions(data.get("fusions"), adapters, base_dir) if data.get("fusions") else []
+    active = setup.flatten() if setup is not None else _active(data.get("active"), adapters)
     optimize = dict(_OPTIMIZE_KEYS)
     for key, value in (data.get("optimize") or {}).items():
         if key not in _OPTIMIZE_KEYS or not isinstance(value, bool):
             raise UserError(f"$.optimize.{key}: unknown optimization or non-boolean value; valid: "
                             f"{', '.join(_OPTIMIZE_KEYS)} (true/false).")
         optimize[key] = value
-    return Spec(adapters, active, optimize)
+    spec = Spec(adapters, active, optimize, setup, fusions)
+    if setup is not None:
+        from .compose.rules import check_setup
+
+        check_setup(spec)
+    return spec
 
 
 def _adapter(name: str, value: Any, path: str, base_dir: Path) -> AdapterDef:

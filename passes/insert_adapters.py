@@ -20,6 +20,10 @@ from .manager import PassResult
 
 def insert_adapters(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix: str = "",
                     hidden_size: int | None = None) -> PassResult:
+    if getattr(spec, "setup", None) is not None:  # a composition block: one composed module per site
+        from .lower_composition import lower_composition
+
+        return lower_composition(gm, spec, sites, base_prefix, hidden_size)
     placements = []
     inserted = 0
     for name in spec.active:

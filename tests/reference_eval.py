@@ -12,7 +12,7 @@ from conftest import REFERENCE, load_case
 from fxadapt.capture import flatten_outputs
 from fxadapt.export.onnx import run_onnx
 from fxadapt.export.verify import compare
-from fxadapt.pipeline import Result, compile_model
+from fxadapt.pipeline import Result, build, compile_model
 from fxadapt.spec import parse_spec
 
 FORMATS = ("graph", "onnx", "torchscript")
@@ -24,10 +24,13 @@ def evaluate_case(case: str, out_dir: Path, atol: float = 1e-5) -> tuple[Result,
     info, io = load_case(case)
     # The reference computes LoRA unmerged; merging's float rounding is tested in test_merge_lora.py.
     spec = parse_spec({"adapters": {"a": {"load": str(REFERENCE / "cases" / case / "adapter")}}, "active": "a",
-                       "optimize": {"merge_lora": False}})
-    result = compile_model(str(REFERENCE / "models" / info["arch"]), spec, out_dir, ("onnx", "torchscript"),
-                           atol=atol, rtol=atol)
+                       "optimize": {"merge_lora": False}}) if "adapters" not in info else _composition_spec(case, info)
     inputs = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
+    inputs.update({name: io[name] for name in info.get("inputs", [])})  # e.g. MultiTask's task_ids
+    # MultiTask captures on given inputs (with task_ids), which pins their sequence length.
+    built = build(str(REFERENCE / "models" / info["arch"]), spec, example_inputs=inputs) if info.get("inputs") else None
+    result = compile_model(str(REFERENCE / "models" / info["arch"]), spec, out_dir, ("onnx", "torchscript"),
+                           atol=atol, rtol=atol, built=built)
     names = result.captured.output_names
     with torch.no_grad():
         outputs = {
@@ -40,8 +43,25 @@ def evaluate_case(case: str, out_dir: Path, atol: float = 1e-5) -> tuple[Result,
         pairs = [(outputs[fmt][names.index(f)], io[f"out.{f}"]) for f in info["outputs"]]
         errors[fmt] = (max((got - ref).abs().max().item() for got, ref in pairs),
                        all(compare(["out"], [ref], [got], atol, atol)[0].ok for got, ref in pairs))
-    change = min((io[f"out.{f}"] - io[f"out_base.{f}"]).abs().max().item() for f in info["outputs"])
+    change = min(_change(io[f"out.{f}"], io[f"out_base.{f}"]) for f in info["outputs"])
     return result, errors, change
+
+
+def _composition_spec(case: str, info: dict):
+    """A composition case (scripts/make_fixtures_composition.py): several adapters, a setup, fusions; it is
+    captured with dynamic dims except those BatchSplit and Split pin."""
+    return parse_spec({"adapters": {n: {"load": d} for n, d in info["adapters"].items()}, "active": info["setup"],
+                       "fusions": info.get("fusions", []), "optimize": {"merge_lora": False}},
+                      REFERENCE / "cases" / case)
+
+
+def _change(out: torch.Tensor, base: torch.Tensor) -> float:
+    """Max |out - base|; prompt tuning lengthens the output, so then compare the input's (last) positions."""
+    if out.shape[0] != base.shape[0]:  # Parallel: N copies of the batch
+        base = base.repeat(out.shape[0] // base.shape[0], *[1] * (base.dim() - 1))
+    if out.shape != base.shape:
+        out = out[:, out.shape[1] - base.shape[1]:]
+    return (out - base).abs().max().item()
 
 
 def names_in(result: Result) -> list[str]:

@@ -1,0 +1,2 @@
+"""Composition blocks lowered into the graph: one composed module per adapted site (bottleneck_site.py,
+lora_site.py), AdapterFusion (fusion.py, fusion_spec.py) and the spec-level rules (rules.py)."""

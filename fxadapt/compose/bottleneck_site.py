@@ -1,0 +1,198 @@
+"""One residual site under a composition of bottleneck adapters (and AdapterFusion): the reference's
+BottleneckLayer.bottleneck_layer_forward with its compose_* methods, on the state
+(hidden, input_tensor, adapter_residual, up, last):
+
+    pre(a):    t, r = a.pre_forward(hidden, x, LN)         # e.g. t = LN(h + x), r = h  (seq_bn)
+    single(a): hidden = A_a(t) + r,  up = s·up_a(...)      # a's adapter; up feeds Fuse
+    Stack:     pre(c); single(c) for each child c in turn
+    Fuse:      q = query of pre_last; hidden = Fusion(q, [up_c]_c, r)
+    Split:     children on sequence slices, hidden = cat(dim=1)
+    BatchSplit children on batch slices, cat(dim=0)
+    Average:   hidden = mean_c(w_c · hidden_c)             # the reference's mean of weighted states
+    end:       y = last.post_forward(hidden, h, x, LN)     # e.g. LN(hidden + x)
+
+Children without a module at this site are skipped as in the reference; a site where no adapter of
+the setup acts computes the model's own LN(h + x). Parallel is lowered before (branches: row block i
+runs the setup with the Parallel block replaced by its child i).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..composition import Block
+from ..methods.bottleneck import Bottleneck, Config
+from .fusion import Fusion
+
+
+class State(NamedTuple):
+    hidden: torch.Tensor
+    input_tensor: torch.Tensor
+    residual: torch.Tensor
+    up: torch.Tensor | None = None
+    last: str | None = None
+    ln: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model's LayerNorm at this site, if any
+
+
+def run_adapter(m: Bottleneck, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference Adapter/ParallelAdapter.forward in eval mode: (output, scaled up-projection)."""
+    down = m.adapter_down(x)
+    up = m.adapter_up(down) * m.scaling
+    out = m.dropout(up)
+    if hasattr(m, "gate"):
+        out = out * torch.mean(torch.sigmoid(m.gate(x)), dim=1).unsqueeze(-1)
+    if m.parallel:
+        return (m.adapter_norm_after(out) if hasattr(m, "adapter_norm_after") else out), up
+    if m.residual_first:
+        out = out + residual
+    if hasattr(m, "adapter_norm_after"):
+        out = m.adapter_norm_after(out)
+    if not m.residual_first:
+        out = out + residual
+    return out, up
+
+
+class BottleneckSite(nn.Module):
+    """`forward(h, x, ln_weight, ln_bias)` -> the site's output; `adapters` / `adapter_fusion_layer` hold
+    the modules under the reference's names."""
+
+    def __init__(self, branches: list[Block | str], adapters: dict[str, Bottleneck], configs: dict[str, Config],
+                 fusions: dict[str, Fusion], norm: tuple[list[int], float] | None) -> None:
+        super().__init__()
+        self.branches = branches
+        self.adapters = nn.ModuleDict(adapters)
+        self.adapter_fusion_layer = nn.ModuleDict(fusions)
+        self.configs = configs
+        self.norm = norm
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor | None = None,
+                ln_bias: torch.Tensor | None = None) -> torch.Tensor:
+        def ln(t: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(t, self.norm[0], ln_weight, ln_bias, self.norm[1])
+
+        layer_norm = ln if self.norm is not None else None
+        if len(self.branches) == 1:
+            return self._site(self.branches[0], h, x, layer_norm)
+        rows = h.shape[0] // len(self.branches)
+        return torch.cat([self._site(b, h[i * rows:(i + 1) * rows], x[i * rows:(i + 1) * rows], layer_norm)
+                          for i, b in enumerate(self.branches)], dim=0)
+
+    def _present(self, setup: Block | str) -> list[str]:
+        names = setup.flatten() if isinstance(setup, Block) else [setup]
+        return [n for n in names if n in self.adapters]
+
+    def _site(self, setup, h, x, ln):
+        if not self._present(setup):
+            return ln(h + x) if ln is not None else h + x
+        state = State(h, x, x, ln=ln)
+        state = self._stack([setup], state) if isinstance(setup, str) else self._compose(setup, state)
+        if state.last is None:
+            return ln(h + x) if ln is not None else h + x
+        config = self.configs[state.last]
+        hidden = state.hidden
+        if config.is_parallel:
+            hidden = hidden + h
+        if config.original_ln_after:
+            hidden = ln(hidden + state.input_tensor) if ln is not None else hidden + state.input_tensor
+        return hidden
+
+    def _pre_forward(self, name: str, hidden, input_tensor, ln, fusion: dict | None = None):
+        """Adapter.pre_forward / ParallelAdapter.pre_forward: (hidden, query, residual)."""
+        config = self.configs[name]
+        if config.is_parallel:
+            return input_tensor, (input_tensor if fusion is not None else None), input_tensor
+        query = residual = None
+        if config.residual_before_ln is True:
+            residual = hidden
+        if fusion is not None and fusion["query_before_ln"]:
+            query = hidden
+        if config.original_ln_before:
+            hidden = hidden + input_tensor
+            if config.residual_before_ln == "post_add":
+                residual = hidden
+            if ln is not None:
+                hidden = ln(hidden)
+        if not config.residual_before_ln:
+            residual = hidden
+        if fusion is not None and not fusion["query_before_ln"]:
+            query = hidden
+        return hidden, query, residual
+
+    def _pre_block(self, setup, state: State) -> State:
+        # The reference uses the block's first adapter; fxadapt the first one present at this site.
+        name = self._present(setup)[0]
+        hidden, _, residual = self._pre_forward(name, state.hidden, state.input_tensor, state.ln)
+        return state._replace(hidden=hidden, residual=residual)
+
+    def _single(self, name: str, state: State) -> State:
+        out, up = run_adapter(self.adapters[name], state.hidden, state.residual)
+        return state._replace(hidden=out, up=up, last=name)
+
+    def _child(self, child, state: State) -> State | None:
+        if isinstance(child, Block):
+            return self._compose(child, state)
+        return self._single(child, state) if child in self.adapters else None
+
+    def _compose(self, block: Block, state: State) -> State:
+        return getattr(self, f"_{block.kind}")(block.children if block.kind == "stack" else block, state)
+
+    def _stack(self, children, state: State) -> State:
+        for child in children:
+            if isinstance(child, Block):
+                state = self._compose(child, state)
+            elif child in self.adapters:
+                state = self._single(child, self._pre_block(child, state))
+        return state
+
+    def _fuse(self, block: Block, state: State) -> State:
+        fusion = self.adapter_fusion_layer[block.fusion_name]
+        present = self._present(block)
+        last = block.last() if block.last() in self.adapters else present[-1]
+        hidden, query, residual = self._pre_forward(last, state.hidden, state.input_tensor, state.ln, fusion.config)
+        state = state._replace(hidden=hidden, residual=residual)
+        children = [s for s in (self._child(c, state) for c in block.children) if s is not None]
+        if children:
+            ups = torch.stack([s.up for s in children]).permute(1, 2, 0, 3)
+            hidden = fusion(query, ups, state.residual)
+        return state._replace(hidden=hidden, last=last)
+
+    def _split(self, block: Block, state: State) -> State:
+        state = self._pre_block(block, state)
+        outs, last, start = [], None, 0
+        for child, size in zip(block.children, block.splits, strict=True):
+            part = slice(start, start + size)
+            start += size
+            sub = State(state.hidden[:, part], state.input_tensor[:, part], state.residual[:, part],
+                        state.up[:, part] if state.up is not None else None, ln=state.ln)
+            result = self._child(child, sub)
+            if result is not None:
+                outs.append(result.hidden)
+                last = result.last or last
+        return state._replace(hidden=torch.cat(outs, dim=1), last=last)
+
+    def _batch_split(self, block: Block, state: State) -> State:
+        state = self._pre_block(block, state)
+        states, start = [], 0
+        for child, size in zip(block.children, block.splits, strict=True):
+            rows = slice(start, start + size)
+            start += size
+            sub = State(state.hidden[rows], state.input_tensor[rows], state.residual[rows],
+                        state.up[rows] if state.up is not None else None, state.last, state.ln)
+            result = self._child(child, sub)
+            states.append(result if result is not None else sub)
+        up = torch.cat([s.up for s in states]) if all(s.up is not None for s in states) else None
+        return State(torch.cat([s.hidden for s in states]), torch.cat([s.input_tensor for s in states]),
+                     torch.cat([s.residual for s in states]), up, states[-1].last, state.ln)
+
+    def _average(self, block: Block, state: State) -> State:
+        state = self._pre_block(block, state)
+        pairs = [(self._child(c, state), w) for c, w in zip(block.children, block.weights, strict=True)]
+        pairs = [(s, w) for s, w in pairs if s is not None]
+        hidden = torch.mean(torch.stack([s.hidden * w for s, w in pairs], 0), dim=0)
+        first = pairs[0][0]
+        return State(hidden, first.input_tensor, first.residual, first.up, pairs[-1][0].last, state.ln)

@@ -1,0 +1,118 @@
+"""AdapterFusion definitions of the spec's `"fusions"`: which adapters a fusion attends over and its
+AdapterFusionConfig, given inline or loaded from a saved AdapterHub fusion directory.
+
+    {"adapters": ["a", "b"], "config": "dynamic" | "static", <AdapterFusionConfig field>: value, ...}
+    {"load": DIR}      adapter_fusion_config.json + pytorch_model_adapter_fusion.bin (save_adapter_fusion)
+
+The fusion's name is the reference's: the adapter names joined by ",".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+CONFIG_FILE = "adapter_fusion_config.json"
+WEIGHT_FILES = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
+# AdapterHub's DynamicAdapterFusionConfig / StaticAdapterFusionConfig.
+PRESETS: dict[str, dict[str, Any]] = {
+    "dynamic": dict(key=True, query=True, value=True, query_before_ln=False, regularization=True,
+                    residual_before=False, temperature=False, value_before_softmax=True, value_initialized=True,
+                    dropout_prob=None),
+    "static": dict(key=True, query=True, value=False, query_before_ln=False, regularization=False,
+                   residual_before=False, temperature=False, value_before_softmax=True, value_initialized=False,
+                   dropout_prob=None),
+}
+
+
+@dataclass
+class FusionDef:
+    name: str
+    adapters: list[str]
+    config: dict[str, Any]
+    path: str
+    load: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"adapters": self.adapters, **self.config}
+        if self.load is not None:
+            data["load"] = str(self.load)
+        return data
+
+
+def parse_fusions(value: Any, adapters: dict, base_dir: Path) -> list[FusionDef]:
+    if not isinstance(value, list):
+        raise UserError("$.fusions: expected a list of fusion definitions such as {\"adapters\": [\"a\", \"b\"]} "
+                        "or {\"load\": DIR}.")
+    return [_fusion(item, adapters, f"$.fusions[{i}]", base_dir) for i, item in enumerate(value)]
+
+
+def _fusion(item: Any, adapters: dict, path: str, base_dir: Path) -> FusionDef:
+    if not isinstance(item, dict):
+        raise UserError(f"{path}: expected an object with \"adapters\" or \"load\".")
+    load = None
+    if "load" in item:
+        extra = sorted(set(item) - {"load"})
+        if extra:
+            raise UserError(f"{path}: {{\"load\": DIR}} takes no other keys, got {extra}.")
+        load = (base_dir / item["load"]).resolve()
+        data = _read_json(load, f"{path}.load")
+        names, values = data.get("adapter_names"), data.get("config")
+        if not isinstance(values, dict):
+            raise UserError(f"{path}.load: {load / CONFIG_FILE} has no \"config\" object.")
+    else:
+        names = item.get("adapters")
+        values = {k: v for k, v in item.items() if k not in ("adapters", "config")}
+        preset = item.get("config", "dynamic")
+        if preset not in PRESETS:
+            raise UserError(f"{path}.config: unknown fusion config {preset!r}; use \"dynamic\" or \"static\".")
+        values = {**PRESETS[preset], **values}
+    if not isinstance(names, list) or len(names) < 1 or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}.adapters: expected the list of fused adapter names.")
+    for name in names:
+        if name not in adapters:
+            raise UserError(f"{path}.adapters: unknown adapter {name!r}; defined adapters: {', '.join(adapters)}.")
+    unknown = sorted(set(values) - set(PRESETS["dynamic"]))
+    if unknown:
+        raise UserError(f"{path}: unknown AdapterFusionConfig key(s) {unknown}; valid: "
+                        f"{', '.join(PRESETS['dynamic'])}.")
+    values = {**PRESETS["dynamic"], **values}
+    if values["temperature"]:
+        raise UserError(f"{path}.temperature: the reference anneals the softmax temperature on every forward call "
+                        "(its outputs depend on how often it ran), which a compiled graph cannot reproduce; set it "
+                        "to false.")
+    return FusionDef(",".join(names), list(names), values, path, load)
+
+
+def _read_json(directory: Path, path: str) -> dict[str, Any]:
+    file = directory / CONFIG_FILE
+    if not file.is_file():
+        raise UserError(f"{path}: {directory} has no {CONFIG_FILE}; expected a directory written by "
+                        "save_adapter_fusion.")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: {file} is corrupt (line {exc.lineno}: {exc.msg}).") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {file} must hold a JSON object.")
+    return data
+
+
+def read_weights(directory: Path, path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    for name in WEIGHT_FILES:
+        file = directory / name
+        if file.is_file():
+            try:
+                return load_file(str(file)) if name.endswith(".safetensors") else torch.load(
+                    file, map_location="cpu", weights_only=True)
+            except Exception as exc:  # corrupt files raise many types
+                raise UserError(f"{path}: cannot read {file} ({type(exc).__name__}).") from None
+    raise UserError(f"{path}: {directory} has no fusion weights ({' or '.join(WEIGHT_FILES)}).")

@@ -1,0 +1,191 @@
+"""Rewrite pass: lower a composition setup (Stack, Parallel, Fuse, Split, BatchSplit, Average, MultiTask)
+into the graph. Each site where an adapter of the setup acts gets ONE call to a composed module
+(fxadapt/compose/): `y = BottleneckSite(h, x, ln_w, ln_b)` at residual sites, `y' = LoRASite(x, y)` at
+projections. The adapters' modules live inside it under `adapters.<name>` (fusions under
+`adapter_fusion_layer.<a,b>`), so their state dicts carry the reference's parameter names.
+
+Parallel with N children replicates every model input N times at the graph entry (rows are independent
+before the first adapter, so this equals the reference's replication at its first adapter layer); row
+block i then runs the setup with the Parallel block replaced by its child i.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from fxadapt import checkpoints
+from fxadapt.compose.bottleneck_site import BottleneckSite
+from fxadapt.compose.fusion import Fusion
+from fxadapt.compose.fusion_spec import read_weights
+from fxadapt.compose.lora_site import LoRASite
+from fxadapt.composition import Block
+from fxadapt.errors import UserError
+from fxadapt.graph_edit import Emitter, add_module
+from fxadapt.graph_ops import aten
+from fxadapt.methods import bottleneck, lora
+from fxadapt.methods.base import Placement, freeze
+from fxadapt.sites import SiteMap
+from fxadapt.spec import Spec
+
+from .manager import PassResult
+
+PASS = "lower_composition"
+
+
+def branches(setup: Block) -> list[Block | str]:
+    """The setup per Parallel child: the Parallel block replaced by its i-th child (or [setup])."""
+    for i, child in enumerate(setup.children):
+        if isinstance(child, Block) and child.kind == "parallel":
+            return [Block(setup.kind, setup.children[:i] + [c] + setup.children[i + 1:], setup.path, setup.splits,
+                          setup.weights, setup.name) for c in child.children]
+    return list(setup.children) if setup.kind == "parallel" else [setup]
+
+
+def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix: str = "",
+                      hidden_size: int | None = None) -> PassResult:
+    setup: Block = spec.setup
+    paths = branches(setup)
+    residual_mods: dict[int, dict] = {}
+    linear_mods: dict[int, dict] = {}
+    for name in dict.fromkeys(spec.active):
+        adapter = spec.adapters[name]
+        if "." in name:
+            raise UserError(f"{adapter.path}: adapter names in a composition cannot contain \".\".")
+        found = _modules(adapter, sites, residual_mods, linear_mods, name)
+        if not found:
+            raise UserError(f"{adapter.path}: the model has no site for this {adapter.method.NAME} adapter.")
+    placements: list[Placement] = []
+    inserted = 0
+    if len(paths) > 1 or setup.kind == "parallel":
+        inserted += _replicate_inputs(gm, len(paths))
+    for index, modules in residual_mods.items():
+        site = sites.residuals[index]
+        fusions = {f.name: freeze(Fusion(f.config, site.hidden_size)) for f in spec.fusions
+                   if set(f.adapters) & set(modules)}
+        norm = site.norm
+        if norm is not None and norm.target != aten.layer_norm.default:
+            raise UserError(f"composition at {site.role} of layer {site.layer}: the site's norm is "
+                            f"{norm.target}, fxadapt composes bottleneck adapters only around layer_norm.")
+        module = BottleneckSite(paths, {n: m for n, (m, _) in modules.items()},
+                                {n: spec.adapters[n].config for n in modules}, fusions,
+                                (list(norm.args[1]), float(norm.args[4]) if len(norm.args) > 4 else 1e-5)
+                                if norm is not None else None)
+        path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
+        emit = Emitter(gm, site.output, {"adapter": ",".join(modules), "method": "composition", "pass": PASS,
+                                         "site": site.role, "layer": site.layer})
+        ln_args = (norm.args[2], norm.args[3]) if norm is not None else ()
+        out = emit.call_module(path, (site.hidden, site.residual, *ln_args))
+        emit.reroute(site.output, out)
+        inserted += len(emit.created)
+        ref = bottleneck.reference_module(site)
+        placements += [Placement(n, "bottleneck", site.role, site.layer, f"{path}.adapters.{n}", ref, 0)
+                       for n in modules]
+        placements += [Placement(f, "fusion", site.role, site.layer, f"{path}.adapter_fusion_layer.{f}",
+                                 ref.rpartition(".")[0] + ".adapter_fusion_layer", 0) for f in fusions]
+    task_ids = _task_ids(gm) if _has_multi_task(setup) else None
+    for index, modules in linear_mods.items():
+        site = sites.linears[index]
+        module = LoRASite(paths, {n: m for n, (m, _) in modules.items()})
+        path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
+        origin = {"adapter": ",".join(modules), "method": "composition", "pass": PASS, "site": site.role,
+                  "layer": site.layer}
+        for node in site.nodes:
+            x, y = _io(node)
+            emit = Emitter(gm, y, origin)
+            out = emit.call_module(path, (x, y) + ((task_ids,) if task_ids is not None else ()))
+            emit.reroute(y, out)
+            inserted += len(emit.created)
+        placements += [Placement(n, "lora", site.role, site.layer, f"{path}.adapters.{n}", f"{site.module}.loras", 0)
+                       for n in modules]
+    for name in dict.fromkeys(spec.active):
+        adapter = spec.adapters[name]
+        if adapter.load is not None:
+            checkpoints.load_into(gm, [p for p in placements if p.adapter == name], adapter.load,
+                                  f"{adapter.path}.load", base_prefix, hidden_size)
+    for fusion in spec.fusions:
+        if fusion.load is not None:
+            _load_fusion(gm, [p for p in placements if p.method == "fusion" and p.adapter == fusion.name], fusion,
+                         base_prefix)
+    gm.meta.setdefault("fxadapt", {})["placements"] = placements
+    return PassResult(gm, inserted)
+
+
+def _io(node: fx.Node):
+    from fxadapt.methods.lora_family import projection_io
+
+    return projection_io(node, True)
+
+
+def _modules(adapter, sites: SiteMap, residual_mods: dict, linear_mods: dict, name: str) -> int:
+    """Build `adapter`'s module for each of its sites (without touching the graph); returns how many."""
+    config, count = adapter.config, 0
+    if adapter.method.NAME == "bottleneck":
+        roles = (["residual.attn"] if config.mh_adapter else []) + (["residual.ffn"] if config.output_adapter else [])
+        for index, site in enumerate(sites.residuals):
+            if site.role not in roles or site.layer in config.leave_out:
+                continue
+            down = int(site.hidden_size // config.reduction_for(site.layer, adapter.path))
+            if down < 1:
+                raise UserError(f"{adapter.path}.reduction_factor: leaves no bottleneck for hidden size "
+                                f"{site.hidden_size}.")
+            residual_mods.setdefault(index, {})[name] = (bottleneck.Bottleneck(site.hidden_size, down, config), site)
+            count += 1
+    else:
+        for site, chunks in lora.targets(sites, config):
+            if chunks:
+                raise UserError(f"{adapter.path}: a fused q/k/v projection ({site.module}) cannot hold a composed "
+                                "LoRA (the reference's LoRAMergedLinear does not compose). Activate it alone.")
+            index = sites.linears.index(site)
+            linear_mods.setdefault(index, {})[name] = (lora.LoRA(site.in_features, site.out_features, config), site)
+            count += 1
+    return count
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _replicate_inputs(gm: fx.GraphModule, channels: int) -> int:
+    """x -> repeat(x, [N, 1, ...]) for every tensor input (the reference's Parallel replication)."""
+    count = 0
+    for node in _placeholders(gm):
+        value = node.meta.get("val")
+        if value is None or not hasattr(value, "dim"):
+            continue
+        emit = Emitter(gm, node, {"adapter": "parallel", "method": "composition", "pass": PASS, "site": "inputs",
+                                  "layer": -1})
+        rep = emit.call_function(aten.repeat.default, (node, [channels] + [1] * (value.dim() - 1)), keep_val=False)
+        emit.reroute(node, rep)
+        count += 1
+    return count
+
+
+def _has_multi_task(block: Block) -> bool:
+    return block.kind == "multi_task" or any(isinstance(c, Block) and _has_multi_task(c) for c in block.children)
+
+
+def _task_ids(gm: fx.GraphModule) -> fx.Node:
+    node = next((n for n in _placeholders(gm) if n.name == "task_ids"), None)
+    if node is None:
+        raise UserError("$.active: a multi_task block needs a per-row \"task_ids\" model input; compile with "
+                        "task_ids among the inputs.")
+    return node
+
+
+def _load_fusion(gm: fx.GraphModule, placements: list[Placement], fusion, base_prefix: str) -> None:
+    from fxadapt.checkpoints.adapterhub import _strip
+
+    weights = {_strip(k, base_prefix): v for k, v in read_weights(fusion.load, f"{fusion.path}.load").items()}
+    used = set()
+    for placement in placements:
+        prefix = _strip(placement.reference_module, base_prefix) + f".{fusion.name}."
+        for key, tensor in gm.get_submodule(placement.module_path).state_dict().items():
+            if prefix + key not in weights:
+                raise UserError(f"{fusion.path}.load: {fusion.load} lacks {prefix + key!r}; it was saved for "
+                                "another model or fusion config.")
+            tensor.copy_(weights[prefix + key])
+            used.add(prefix + key)
+    unused = sorted(set(weights) - used)
+    if unused:
+        raise UserError(f"{fusion.path}.load: {fusion.load} has tensors this model has no place for, e.g. "
+                        f"{unused[0]!r}.")
