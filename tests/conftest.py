@@ -14,6 +14,12 @@ REFERENCE = FIXTURES / "reference"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    # One intra-op thread per xdist worker, so two workers do not fight over two cores.
+    torch.set_num_threads(1)
+
 
 def reference_cases() -> list[str]:
     return sorted(p.name for p in (REFERENCE / "cases").iterdir() if p.is_dir())
