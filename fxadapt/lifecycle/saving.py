@@ -42,6 +42,14 @@ def model_facts(config: Any, model_class: str, source: str) -> dict[str, Any]:
             "model_type": getattr(config, "model_type", None), "version": f"fxadapt.{__version__}"}
 
 
+def reference_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config dict as AdapterHub writes it: bottleneck configs carry no `architecture` (its BnConfig has
+    none, and `adapters` rejects an unknown one); fxadapt reads a missing architecture as bottleneck."""
+    if config.get("architecture") == "bottleneck":
+        return {k: v for k, v in config.items() if k != "architecture"}
+    return config
+
+
 def save_adapter(directory: Path, holder: nn.Module, adapter: AdapterDef, placements: list[Placement],
                  facts: dict[str, Any], sites: SiteMap, head: ClassificationHead | None = None,
                  peft: bool = True) -> list[str]:
@@ -57,7 +65,7 @@ def save_adapter(directory: Path, holder: nn.Module, adapter: AdapterDef, placem
     layouts = ["adapterhub"]
     try:
         out = stage / "out"
-        adapterhub.save(holder, placements, out, adapter.name, adapter.config.to_dict(), facts)
+        adapterhub.save(holder, placements, out, adapter.name, reference_config(adapter.config.to_dict()), facts)
         if head is not None:
             _save_head(out, adapter.name, head, facts)
             layouts.append("head")
