@@ -102,8 +102,8 @@ def _uses(gm: fx.GraphModule) -> dict[str, int]:
     return uses
 
 
-def _fold(gm: fx.GraphModule, applications: list[Application]) -> bool:
-    """Fold one weight's adapters into new weight (and bias) tensors; False if it must stay unmerged."""
+def _fold(gm: fx.GraphModule, applications: list[Application]) -> None:
+    """Fold one weight's adapters into new weight (and bias) tensors, in graph order."""
     modules = list(dict.fromkeys(a.call.target for a in applications))
     first = applications[0]
     weight_attr, bias_attr = weight_and_bias(first.projection)
@@ -120,7 +120,6 @@ def _fold(gm: fx.GraphModule, applications: list[Application]) -> bool:
     _assign(gm, weight_attr.target, folded.t() if transposed else folded)
     if bias_attr is not None:
         _assign(gm, bias_attr.target, bias)
-    return True
 
 
 def merge_lora(gm: fx.GraphModule) -> PassResult:
