@@ -82,6 +82,9 @@ def _perturbed(model: str, text: str):
                 p.data = torch.randn_like(p) * 0.2
             if hasattr(module, "m"):  # a magnitude near ||W|| keeps DoRA's output in range
                 module.m.weight.data = module.m.weight.data.abs() + 0.5
+    for name, p in result.graph.named_parameters():  # freshly initialised biases are zero: folds must see them
+        if name.endswith(".bias") and not name.startswith("fxadapt."):
+            p.data = torch.randn_like(p) * 0.1
     return result
 
 
