@@ -7,7 +7,8 @@ PEFT computes the same update, h' = W x + b + (lora_alpha / r) · B A x.
 A fused q/k/v projection with per-matrix LoRAs (GPT-2's c_attn, the reference's LoRAMergedLinear)
 becomes one rank-(e·r) PEFT LoRA: A' stacks the e enabled A's, B' puts each B in its chunk's rows and
 column block (zeros elsewhere), and lora_alpha' = e·alpha keeps the scaling alpha / r
-(`rank_pattern`/`alpha_pattern` carry the per-module values). Reading back needs unfused projections.
+(`rank_pattern`/`alpha_pattern` carry the per-module values). Reading PEFT directories is the job of
+checkpoints/peft.py (the `peft_lora` method), which load_adapter uses.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import UserError
 from ..methods.base import Placement
 from ..sites import SiteMap
 
@@ -75,53 +75,3 @@ def write(directory: Path, placements: list[Placement], modules: dict[str, nn.Mo
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
 
-
-def is_peft(directory: Path) -> bool:
-    try:
-        return "peft_type" in json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def read(directory: Path, sites: SiteMap, base_prefix: str, path: str) -> tuple[dict[str, Any],
-                                                                                 dict[str, tuple[torch.Tensor,
-                                                                                                 torch.Tensor]]]:
-    """(fxadapt LoRA config values, {module path: (A, B)}) of a PEFT LoRA directory."""
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    if config.get("peft_type") != "LORA":
-        raise UserError(f"{path}: {directory} is a PEFT {config.get('peft_type')} checkpoint; fxadapt reads PEFT "
-                        "LoRA checkpoints only.")
-    for key, default in (("use_dora", False), ("use_rslora", False), ("rank_pattern", {}), ("alpha_pattern", {}),
-                         ("modules_to_save", None), ("bias", "none")):
-        if config.get(key) not in (None, default):
-            raise UserError(f"{path}: PEFT option {key}={config[key]!r} in {directory} has no fxadapt equivalent; "
-                            "only plain LoRA (one rank, no DoRA/rsLoRA, bias \"none\") can be loaded.")
-    try:
-        weights = load_file(str(directory / WEIGHTS_FILE))
-    except Exception as exc:  # missing or corrupt file: several exception types
-        raise UserError(f"{path}: cannot read {directory / WEIGHTS_FILE} ({type(exc).__name__}).") from None
-    by_module = {site.module.removeprefix(base_prefix + "."): site for site in sites.linears}
-    ffn_in, ffn_out = ("ffn.down", "ffn.up") if sites.gated_ffn else ("ffn.up", "ffn.down")
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    roles: set[str] = set()
-    layers: set[int] = set()
-    for key in weights:
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key.removeprefix(_PREFIX).removesuffix(".lora_A.weight")
-        site = by_module.get(module.removeprefix(base_prefix + "."))
-        if site is None or site.role == "attn.qkv" or site.role not in {"attn.q", "attn.k", "attn.v", ffn_in, ffn_out}:
-            raise UserError(f"{path}: {directory} adapts {module!r}, which is not an unfused attention q/k/v or FFN "
-                            "projection of this model; fxadapt's LoRA cannot place it there.")
-        factors[site.module] = (weights[key], weights[f"{_PREFIX}{module}.lora_B.weight"])
-        roles.add(site.role)
-        layers.add(site.layer)
-    if not factors:
-        raise UserError(f"{path}: {directory} holds no LoRA weights.")
-    values = {"architecture": "lora", "r": config["r"], "alpha": config["lora_alpha"],
-              "dropout": config.get("lora_dropout", 0.0),
-              "selfattn_lora": any(r.startswith("attn.") for r in roles),
-              "attn_matrices": [m for m in ("q", "k", "v") if f"attn.{m}" in roles] or ["q", "v"],
-              "intermediate_lora": ffn_in in roles, "output_lora": ffn_out in roles,
-              "leave_out": sorted({s.layer for s in sites.linears} - layers)}
-    return values, factors
