@@ -86,6 +86,8 @@ def load_into(gm: fx.GraphModule, placements: list, directory: Path, path: str, 
     for placement in placements:
         module = gm.get_submodule(placement.module_path)
         prefix = _strip(placement.reference_module, base_prefix) + f".{saved_name or placement.adapter}."
+        if hasattr(module, "match_checkpoint"):  # e.g. a prefix pool takes the checkpoint's location name
+            module.match_checkpoint(weights, prefix)
         for name, tensor in module.state_dict().items():
             key = prefix + name
             if key not in weights and placement.reference_module == "shared_parameters":
