@@ -116,8 +116,9 @@ def _eager_mask(softmax: fx.Node, scores: fx.Node) -> MaskUse | None:
         if is_call(node, ADD) and all(isinstance(a, fx.Node) for a in node.args[:2]):
             main = 0 if _reaches(node.args[0], scores) else 1
             return MaskUse(node, 1 - main, 0.0)
-        if is_call(node, _WHERE) and isinstance(node.args[0], fx.Node):
-            return MaskUse(node, 0, True)
+        if is_call(node, _WHERE) and isinstance(node.args[0], fx.Node):  # where(keep, scores, fill) or reversed
+            keeps = isinstance(node.args[1], fx.Node) and _reaches(node.args[1], scores)
+            return MaskUse(node, 0, keeps)
         if is_call(node, _MASKED_FILL):
             return MaskUse(node, 1, False)
         parents = [p for p in tensor_inputs(node) if _reaches(p, scores)]
