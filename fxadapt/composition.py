@@ -171,3 +171,12 @@ def multi_task_children(block: Block | str | None) -> int:
     if block.kind == "multi_task":
         return len(block.children)
     return max((multi_task_children(c) for c in block.children), default=0)
+
+
+def parallel_channels(block: Block | str | None) -> int:
+    """How many copies of the batch a Parallel block makes (1 without one)."""
+    if not isinstance(block, Block):
+        return 1
+    if block.kind == "parallel":
+        return len(block.children)
+    return max((parallel_channels(c) for c in block.children), default=1)
