@@ -4,8 +4,9 @@
 
 DEF is an AdapterHub config string (`"lora[r=4,alpha=8]"`), a config object (`{"config": "seq_bn",
 "reduction_factor": 8}` or an AdapterHub config dict with `architecture`), or `{"load": DIR}` for a
-saved AdapterHub checkpoint (relative paths resolve against the spec file). The JSON Schema is
-`spec_schema.json` beside this module. Every error names the JSON path of the offending value.
+saved AdapterHub or PEFT checkpoint (detected from its adapter_config.json; relative paths resolve
+against the spec file). The JSON Schema is `spec_schema.json` beside this module. Every error names
+the JSON path of the offending value.
 """
 
 from __future__ import annotations

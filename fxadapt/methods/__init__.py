@@ -19,8 +19,7 @@ BY_ARCHITECTURE.update({"prefix_tuning": prefix_tuning, "prompt_tuning": prompt_
 
 # AdapterHub config names fxadapt does not implement yet: a clear message, not "unknown".
 PLANNED = {
-    "ia3",
-    "mam", "unipelt", "vera", "mtl_lora",
+    "mam", "unipelt", "mtl_lora",
 }
 
 
