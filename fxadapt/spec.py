@@ -19,6 +19,7 @@ from typing import Any
 
 from . import checkpoints, methods
 from .errors import UserError
+from .methods import union
 from .methods.base import MethodConfig
 from .methods.config_string import parse_config_string
 
@@ -112,8 +113,8 @@ def parse_spec(data: Any, base_dir: Path = Path(".")) -> Spec:
 def _adapter(name: str, value: Any, path: str, base_dir: Path) -> AdapterDef:
     if isinstance(value, str):
         chunks = parse_config_string(value, path)
-        if len(chunks) > 1:
-            raise UserError(f"{path}: union configs ({value!r}) are not supported by fxadapt yet.")
+        if len(chunks) > 1 or chunks[0][0] in union.NAMED:
+            return AdapterDef(name, union, union.from_chunks(chunks, path), path)
         method_name, overrides = chunks[0]
         module, preset = methods.method_for_name(method_name, path)
         return AdapterDef(name, module, methods.build_config(module, preset, overrides, path), path)

@@ -46,7 +46,11 @@ def insert_adapters(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix:
 
 def _needs(adapter) -> str:
     config = adapter.config
+    if adapter.method.NAME == "union":
+        return "the sites of its members"
     if adapter.method.NAME == "lora":
         return "attention projections " + "/".join(config.attn_matrices) + " or FFN projections"
+    if not hasattr(config, "mh_adapter"):
+        return f"the sites {adapter.method.NAME} adapts"
     return "residual adds after " + " and ".join(
         (["attention"] if config.mh_adapter else []) + (["the FFN"] if config.output_adapter else []))

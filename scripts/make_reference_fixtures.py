@@ -180,7 +180,8 @@ def make_case(arch: str, method: str, model_dir: Path, case_dir: Path) -> dict[s
     adapter_dir = case_dir / "adapter"
     model.save_adapter(str(adapter_dir), ADAPTER_NAME)
     state = read_state(weights_file(adapter_dir))
-    assert len(state) == len(new_params), f"{case}: saved {len(state)} tensors, created {len(new_params)}"
+    # Prefix tuning also saves its pool's derived tensors, so a union with it saves more than it created.
+    assert len(state) >= len(new_params), f"{case}: saved {len(state)} tensors, created {len(new_params)}"
 
     # Reload check: a fresh base model + load_adapter must reproduce the outputs bit-exactly.
     fresh = load_base(arch, model_dir)

@@ -10,16 +10,17 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import UserError
-from . import bottleneck, lora, prefix_tuning, prompt_tuning, reft
+from . import bottleneck, lora, prefix_tuning, prompt_tuning, reft, union
 from .base import MethodConfig
 
 # Method modules by AdapterHub `architecture`. Bottleneck configs are saved without that field.
 BY_ARCHITECTURE: dict[str, ModuleType] = {"bottleneck": bottleneck, "lora": lora}
 BY_ARCHITECTURE.update({"prefix_tuning": prefix_tuning, "prompt_tuning": prompt_tuning, "reft": reft})
+BY_ARCHITECTURE["union"] = union
 
 # AdapterHub config names fxadapt does not implement yet: a clear message, not "unknown".
 PLANNED = {
-    "mam", "unipelt", "mtl_lora",
+    "mtl_lora",
 }
 
 
@@ -51,8 +52,6 @@ def method_for_config(values: dict[str, Any], path: str) -> ModuleType:
     architecture = values.get("architecture") or "bottleneck"
     if architecture in BY_ARCHITECTURE:
         return BY_ARCHITECTURE[architecture]
-    if architecture == "union":
-        raise UserError(f"{path}.architecture: {architecture!r} adapters are not implemented in fxadapt yet.")
     raise UserError(f"{path}.architecture: unknown adapter architecture {architecture!r}; expected one of "
                     f"{', '.join(BY_ARCHITECTURE)}.")
 
