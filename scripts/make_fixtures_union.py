@@ -1,7 +1,8 @@
 """Reference fixtures for union configs (AdapterHub ConfigUnion), from `adapters` 1.3.0.
 
-Cases: `bert__mam` (prefix tuning, bottleneck 800, + parallel adapter) and `bert__union_lora_seq_bn`
-(`lora[r=4,alpha=8]|seq_bn`), in the layout of make_reference_fixtures.py (whose `make_case` builds
+Cases: `bert__mam` (prefix tuning, bottleneck 800, + parallel adapter), `bert__union_lora_seq_bn`
+(`lora[r=4,alpha=8]|seq_bn`) and UniPELT (gated prefix tuning + gated seq_bn + gated LoRA) on BERT and
+a classification model, in the layout of make_reference_fixtures.py (whose `make_case` builds
 them). Run from the repository root in the reference venv (see make_reference_fixtures.py):
 
     .refvenv/bin/python scripts/make_fixtures_union.py --out tests/fixtures/reference
@@ -22,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import make_reference_fixtures as ref  # noqa: E402
 
-CASES = {("bert", "mam"): "mam", ("bert", "union_lora_seq_bn"): "lora[r=4,alpha=8]|seq_bn"}
+CASES = {("bert", "mam"): "mam", ("bert", "union_lora_seq_bn"): "lora[r=4,alpha=8]|seq_bn",
+         ("bert", "unipelt"): "unipelt", ("bert_seqcls", "unipelt"): "unipelt"}
 
 
 def main() -> None:

@@ -182,7 +182,7 @@ def test_saved_direft_config_loses_subtract_projection(tmp_path):
 @pytest.mark.parametrize("text, field", [
     ("prefix_tuning[prefix_length=0]", "prefix_length"),
     ("prefix_tuning[bottleneck_size=1.5]", "bottleneck_size"),
-    ("prefix_tuning[use_gating=True]", "use_gating"),
+    ("prefix_tuning[use_gating=1]", "use_gating"),
     ("prefix_tuning[non_linearity='wobble']", "non_linearity"),
     ("prefix_tuning[leave_out='0']", "leave_out"),
     ("prompt_tuning[prompt_length=0]", "prompt_length"),

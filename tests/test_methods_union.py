@@ -20,6 +20,13 @@ def test_mam_is_prefix_tuning_800_plus_parallel_adapter():
     assert (second, adapter.is_parallel, adapter.scaling) == ("bottleneck", True, 4.0)
 
 
+def test_unipelt_is_three_gated_members():
+    members = _members("unipelt")
+    assert [name for name, _ in members] == ["prefix_tuning", "bottleneck", "lora"]
+    assert all(config.use_gating for _, config in members)
+    assert (members[0][1].prefix_length, members[2][1].r, members[2][1].alpha) == (10, 8, 2)
+
+
 def test_union_string_and_dict_agree():
     from_string = parse_spec({"adapters": {"a": "lora[r=4]|seq_bn"}}).adapters["a"].config.to_dict()
     from_dict = parse_spec({"adapters": {"a": from_string}}).adapters["a"].config.to_dict()
@@ -30,7 +37,6 @@ def test_union_string_and_dict_agree():
     ("seq_bn|seq_bn", "cannot be combined"),
     ("lora|lora[r=2]", "cannot be combined"),
     ("mam[x=1]", "takes no options"),
-    ("unipelt", "use_gating"),
     ("lora|nope", "unknown adapter method 'nope'"),
 ])
 def test_bad_unions(text, message):

@@ -27,7 +27,7 @@ from torch import fx, nn
 from ..attention_sites import AttentionCore, emitter_before, find_attention_cores, pad_mask
 from ..errors import UserError
 from ..graph_edit import add_module
-from ..graph_ops import aten
+from ..graph_ops import ADDMM, aten, is_call
 from ..sites import SiteMap
 from .base import MethodConfig, Placement, freeze, require_type
 from .bottleneck import make_activation
@@ -67,9 +67,6 @@ class Config(MethodConfig):
             raise self.fail(path, "dropout", f"must be in [0, 1), got {self.dropout!r}.")
         if not self.flat:
             make_activation(self.non_linearity, f"{path}.non_linearity")
-        if self.use_gating:
-            raise self.fail(path, "use_gating", "gated prefixes (UniPELT) are not supported by fxadapt yet; set "
-                            "use_gating to false.")
 
 
 PRESETS = {"prefix_tuning": {}, "prefix_tuning_flat": {"flat": True}}
@@ -166,13 +163,36 @@ def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path:
         cls = FlatPrefixTuning if config.flat else PrefixTuning
         prefixes = cls(len(members), first.kv_heads, first.hidden_size, first.head_dim, config)
         module_path = add_module(gm, adapter, f"prefix_{location}", freeze(PrefixGroup(location, prefixes)))
-        inserted = _rewrite(gm, members, module_path, config, adapter, location)
+        gates = _gates(gm, sites, members, config, adapter, location) if config.use_gating else {}
+        inserted = _rewrite(gm, members, module_path, config, adapter, location, gates)
         for index, reference in enumerate(aliases):
             yield Placement(adapter, NAME, "attn.prefix", -1, module_path, reference, inserted if index == 0 else 0)
+        for core in members if gates else []:
+            yield Placement(adapter, NAME, "attn.prefix_gate", core.layer, gates[core.node][0],
+                            f"{core.module}.prefix_tuning.prefix_gates", 0)
+
+
+def _gates(gm: fx.GraphModule, sites: SiteMap, cores: list[AttentionCore], config: Config, adapter: str,
+           location: str) -> dict[fx.Node, tuple[str, fx.Node]]:
+    """UniPELT's gate per attention layer: g = mean_seq(sigmoid(W x + b)) on the attention's input x;
+    the prefix keys are scaled by g[:, 0] and the values by g[:, -1] (one gate if shared_gating)."""
+    gates = {}
+    for core in cores:
+        roles = ("xattn.q",) if core.cross else ("attn.q", "attn.qkv")
+        site = next((s for s in sites.linears if s.layer == core.layer and s.role in roles), None)
+        if site is None:
+            raise UserError(f"gated prefix tuning needs the query projection of layer {core.layer} to find the "
+                            "attention's input; none was found.")
+        gate = nn.Linear(core.hidden_size, 1 if config.shared_gating else 2)
+        nn.init.normal_(gate.weight, std=0.02)
+        path = add_module(gm, adapter, f"prefix_gate_L{core.layer}_{location}", freeze(gate))
+        projection = site.nodes[0]
+        gates[core.node] = (path, projection.args[1] if is_call(projection, ADDMM) else projection.args[0])
+    return gates
 
 
 def _rewrite(gm: fx.GraphModule, cores: list[AttentionCore], module_path: str, config: Config, adapter: str,
-             location: str) -> int:
+             location: str, gates: dict[fx.Node, tuple[str, fx.Node]]) -> int:
     origin = {"adapter": adapter, "method": NAME, "pass": "insert_adapters", "site": f"attn.{location}",
               "layer": cores[0].layer}
     nodes = list(gm.graph.nodes)
@@ -183,14 +203,22 @@ def _rewrite(gm: fx.GraphModule, cores: list[AttentionCore], module_path: str, c
     masks: dict[tuple, fx.Node] = {}
     for index, core in enumerate(cores):
         here = {**origin, "layer": core.layer}
+        gate = None
+        if core.node in gates:
+            gate_path, gate_input = gates[core.node]
+            em = emitter_before(gm, core.key_user[0], here)
+            scores = em.call_module(gate_path, (gate_input,), keep_val=False)
+            scores = em.call_function(aten.sigmoid.default, (scores,), keep_val=False)
+            gate = em.call_function(aten.mean.dim, (scores, [1]), keep_val=False)  # (batch, 1 or 2)
+            created += len(em.created)
         for slot, (user, arg) in enumerate((core.key_user, core.value_user)):
-            created += _prepend(gm, core, user, arg, pool, 2 * index + slot, here, slot == 0)
+            created += _prepend(gm, core, user, arg, pool, 2 * index + slot, here, slot == 0, gate)
         created += _extend_mask(gm, core, config.prefix_length, here, masks)
     return created + len(masks)
 
 
 def _prepend(gm: fx.GraphModule, core: AttentionCore, user: fx.Node, arg: int, pool: fx.Node, index: int,
-             origin: dict, is_key: bool) -> int:
+             origin: dict, is_key: bool, gate: fx.Node | None = None) -> int:
     """user.args[arg] <- cat([prefix expanded over the batch, operand]) on the key axis."""
     operand = user.args[arg]
     em = emitter_before(gm, user, origin)
@@ -203,6 +231,10 @@ def _prepend(gm: fx.GraphModule, core: AttentionCore, user: fx.Node, arg: int, p
     prefix = em.call_function(aten.unsqueeze.default, (prefix, 0), keep_val=False)
     batch = em.call_function(aten.sym_size.int, (operand, 0))
     prefix = em.call_function(aten.expand.default, (prefix, [batch, -1, -1, -1]), keep_val=False)
+    if gate is not None:  # keys by the gate's first output, values by its last
+        factor = em.call_function(aten.select.int, (gate, 1, 0 if is_key else -1), keep_val=False)
+        factor = em.call_function(aten.view.default, (factor, [-1, 1, 1, 1]), keep_val=False)
+        prefix = em.call_function(aten.mul.Tensor, (prefix, factor), keep_val=False)
     axis = core.key_axis if is_key else -2
     if axis == -1:  # eager attention multiplies by kᵀ
         prefix = em.call_function(aten.transpose.int, (prefix, -1, -2), keep_val=False)
