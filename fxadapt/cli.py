@@ -77,8 +77,20 @@ def cmd_sites(args: argparse.Namespace) -> int:
     from .capture import capture
     from .sites import describe, find_sites
 
-    captured = capture(args.model, task=args.task)
-    print(describe(find_sites(captured.module)))
+    if args.spec is None:
+        captured = capture(args.model, task=args.task)
+        print(describe(find_sites(captured.module)))
+        return 0
+    from .pipeline import build
+    from .spec import load_spec
+
+    result = build(args.model, load_spec(args.spec), task=args.task)
+    print(describe(result.sites))
+    print("\nadapters at sites (under the spec's composition):")
+    placements = result.graph.meta.get("fxadapt", {}).get("placements", [])
+    for p in sorted(placements, key=lambda p: (p.layer, p.role, p.adapter)):
+        layer = "shared" if p.layer < 0 else f"layer {p.layer}"
+        print(f"  {layer:<8} {p.role:<16} {p.adapter:<16} {p.method:<14} {p.module_path}")
     return 0
 
 
@@ -130,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sites", help="print the adapter sites found in a model, per layer")
     model_args(p)
+    p.add_argument("--spec", help="also show which adapter acts at which site under this spec")
     p.set_defaults(run=cmd_sites)
 
     p = sub.add_parser("inspect", help="visualize the graph before/after rewriting")

@@ -69,3 +69,12 @@ def test_adapterhub_save_then_load_reproduces_outputs(tmp_path):
     with torch.no_grad():
         for a, b in zip(flatten_outputs(first.graph(**inputs)), flatten_outputs(second.graph(**inputs)), strict=True):
             assert torch.equal(a, b)
+
+
+def test_sites_command_with_a_composition_spec(capsys):
+    from pathlib import Path
+
+    spec = Path(__file__).parents[1] / "examples" / "composition.json"
+    assert main(["sites", "--spec", str(spec)]) == 0
+    printed = capsys.readouterr().out
+    assert "adapters at sites" in printed and "task_b" in printed and "residual.ffn     lang" in printed

@@ -71,3 +71,14 @@ def test_split_must_cover_the_sequence(tmp_path):
     inputs = {"input_ids": torch.ones(2, 7, dtype=torch.long), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
     with pytest.raises(UserError, match=r"\$\.active\.splits: the splits sum to 6 but the sequence length is 7"):
         build(str(REFERENCE / "models" / "bert"), spec, example_inputs=inputs)
+
+
+def test_batch_split_must_cover_the_batch():
+    import torch
+
+    from fxadapt.pipeline import build
+
+    spec = _spec({"batch_split": ["a", "b"], "batch_sizes": [1, 1]})
+    inputs = {"input_ids": torch.ones(3, 7, dtype=torch.long), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    with pytest.raises(UserError, match=r"\$\.active\.batch_sizes: the sizes sum to 2 but the batch size is 3"):
+        build(str(REFERENCE / "models" / "bert"), spec, example_inputs=inputs)
