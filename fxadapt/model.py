@@ -24,6 +24,7 @@ from torch import fx, nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import methods
+from .capture import Captured
 from .errors import UserError
 from .graph_edit import slug
 from .lifecycle import checkpointing, exporting, summary
@@ -56,7 +57,9 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
 
     supports_gradient_checkpointing = True
 
-    def __init__(self, captured, eager: nn.Module | None = None, attention_dropout: float | None = None) -> None:
+    def __init__(self, captured: Captured, eager: nn.Module | None = None,
+                 attention_dropout: float | None = None) -> None:
+        """Wrap a capture (lifecycle/base_graph.capture_base); `eager` is the captured model, for its loss type."""
         super().__init__()
         unlock_modes(captured.module)
         self.base = captured.module
