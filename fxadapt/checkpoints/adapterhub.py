@@ -53,8 +53,10 @@ def read_checkpoint_json(directory: Path, path: str) -> dict[str, Any]:
     return data
 
 
-def read_weights(directory: Path, path: str) -> dict[str, torch.Tensor]:
-    for name in WEIGHT_FILES:
+def read_weights(directory: Path, path: str, files: tuple[str, ...] = WEIGHT_FILES,
+                 kind: str = "") -> dict[str, torch.Tensor]:
+    """The first weight file of `files` found in `directory` (`.bin` through weights_only torch.load)."""
+    for name in files:
         file = directory / name
         if not file.is_file():
             continue
@@ -65,7 +67,7 @@ def read_weights(directory: Path, path: str) -> dict[str, torch.Tensor]:
         except Exception as exc:  # corrupt files raise many types (pickle, safetensors, zip)
             raise UserError(f"{path}: cannot read {file}: it is corrupt or not a weight file "
                             f"({type(exc).__name__}).") from None
-    raise UserError(f"{path}: {directory} has no weights file ({' or '.join(WEIGHT_FILES)}).")
+    raise UserError(f"{path}: {kind}{directory} has no weights file ({' or '.join(files)}).")
 
 
 def _strip(key: str, prefix: str) -> str:

@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import fx, nn
 
 from ..errors import UserError
 from ..methods import peft_lora
+from . import adapterhub
 from .adapterhub import read_checkpoint_json
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -35,18 +35,7 @@ def read_config(directory: Path, path: str) -> peft_lora.Config:
 
 
 def read_weights(directory: Path, path: str) -> dict[str, torch.Tensor]:
-    for name in WEIGHT_FILES:
-        file = directory / name
-        if not file.is_file():
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                return load_file(str(file))
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # corrupt files raise many types (pickle, safetensors, zip)
-            raise UserError(f"{path}: cannot read {file}: it is corrupt or not a weight file "
-                            f"({type(exc).__name__}).") from None
-    raise UserError(f"{path}: PEFT checkpoint {directory} has no weights file ({' or '.join(WEIGHT_FILES)}).")
+    return adapterhub.read_weights(directory, path, WEIGHT_FILES, "PEFT checkpoint ")
 
 
 def _strip(key: str, prefix: str) -> str:
