@@ -23,7 +23,7 @@ from torch import fx
 from . import meta
 from .graph_edit import Emitter
 from .graph_ops import ADD, ATTENTION, MATMUL, NORMS, SOFTMAX, aten, is_call, module_path, tensor_inputs
-from .sites import LinearSite, SiteMap, _backtrace, _core_operands, _layer_prefix
+from .sites import LinearSite, SiteMap, _backtrace, _layer_prefix, attention_cores
 
 _WHERE = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar}
 _MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
@@ -151,13 +151,7 @@ def _projection_site(sites: SiteMap, operand: fx.Node) -> tuple[LinearSite | Non
 def find_attention_cores(gm: fx.GraphModule, sites: SiteMap) -> list[AttentionCore]:
     """Every attention core in graph order, with its layer (numbered as `sites` numbers layers)."""
     cores = []
-    for node in gm.graph.nodes:
-        if not (is_call(node, ATTENTION) or is_call(node, SOFTMAX)):
-            continue
-        operands = _core_operands(node)
-        if operands is None:
-            continue
-        q, k, v, out = operands
+    for node, q, k, _v, out in attention_cores(gm):
         if is_call(node, ATTENTION):
             kind, scores = "sdpa", None
             mask, causal = _sdpa_mask(node)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import fx
@@ -216,6 +217,15 @@ def _core_operands(core: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node] |
     return scores.args[0], scores.args[1], out.args[1], out
 
 
+def attention_cores(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Node]]:
+    """(core, q, k, v, output) for every attention core (sdpa, or eager softmax) in graph order."""
+    for node in gm.graph.nodes:
+        if is_call(node, ATTENTION) or is_call(node, SOFTMAX):
+            operands = _core_operands(node)
+            if operands is not None:
+                yield (node, *operands)
+
+
 def _projection_info(node: fx.Node, gm: fx.GraphModule) -> tuple[str, int, int]:
     weight = weight_node(node)
     tensor = gm.get_parameter(weight.target) if weight.target in dict(gm.named_parameters()) else getattr(
@@ -254,13 +264,7 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
         if weight not in roles:
             roles[weight] = (role, layer_of(module_path(node)), fused)
 
-    for core in gm.graph.nodes:
-        if not (is_call(core, ATTENTION) or is_call(core, SOFTMAX)):
-            continue
-        operands = _core_operands(core)
-        if operands is None:
-            continue
-        q, k, v, out = operands
+    for _core, q, k, v, out in attention_cores(gm):
         found = {}
         for name, operand in (("q", q), ("k", k), ("v", v)):
             hits = _backtrace(operand, NORMS | ATTENTION | SOFTMAX)
