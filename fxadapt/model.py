@@ -8,7 +8,11 @@ registered submodule, so `parameters()`/`state_dict()` list every tensor exactly
 
     base.<model parameter>          the captured model (frozen by train_adapter, except a task head)
     fxadapt.<adapter>.<site>.<p>    adapter modules, named like the reference's (adapter_down.0, lora_A)
+    fusions.<fusion>.<site>.<p>     AdapterFusion modules (add_adapter_fusion; query, key, value)
     heads.<head>.<i>.<p>            flex heads added with add_classification_head
+
+A setup is an adapter name, a list of names, or a composition block (fxadapt.blocks: Stack, Parallel, Fuse,
+Split, BatchSplit, Average, MultiTask), lowered by the CLI's lower_composition pass over the same modules.
 
 Method names and semantics follow `adapters` 1.3.0 (model_mixin.py); see docs/lifecycle.md.
 """
@@ -24,15 +28,19 @@ from torch import fx, nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import methods
+from .blocks import AdapterCompositionBlock, from_json
 from .capture import Captured
+from .compose.rules import blocks
+from .composition import Block, check_sizes, multi_task_children, parse_composition
 from .errors import UserError
 from .graph_edit import slug
 from .lifecycle import checkpointing, exporting, summary
 from .lifecycle.adapter_io import AdapterIOMixin
 from .lifecycle.base_graph import capture_base, unlock_modes
 from .lifecycle.combining import CombiningMixin
+from .lifecycle.fusion_io import FusionMixin, _fusion_names
 from .lifecycle.heads import ClassificationHead, loss_type_of, task_loss
-from .lifecycle.lowering import REGISTRY, Lowered, instantiate, lower
+from .lifecycle.lowering import FUSIONS, REGISTRY, Lowered, instantiate, lower
 from .lifecycle.modes import attention_dropout_of, set_mode
 from .methods.base import MethodConfig, Placement
 from .spec import AdapterDef, Spec, resolve_adapter
@@ -52,7 +60,7 @@ def adapt(model: nn.Module | str, example_inputs: dict[str, torch.Tensor] | None
     return AdaptedModel(captured, eager, attention_dropout)
 
 
-class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
+class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, nn.Module):
     """A captured model with AdapterHub-style adapter management; `forward` runs the lowered graph."""
 
     supports_gradient_checkpointing = True
@@ -64,13 +72,17 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
         unlock_modes(captured.module)
         self.base = captured.module
         setattr(self, REGISTRY, nn.ModuleDict())
+        setattr(self, FUSIONS, nn.ModuleDict())
         self.heads = nn.ModuleDict()
         self.captured = captured
         self.config = captured.config
         self.main_input_name = captured.input_names[0]
         self._adapters: dict[str, AdapterDef] = {}
         self._placements: dict[str, list[Placement]] = {}
-        self._active: list[str] = []
+        self._active: list[str] = []  # the active adapters (a composition's, flattened)
+        self._setup: Block | None = None  # the active composition block, if one was given
+        self._fusions: dict = {}  # name -> compose.fusion_spec.FusionDef
+        self._fusion_placements: dict[str, list[Placement]] = {}
         self._merged: list[str] = []
         self.active_head: str | None = None
         self._prefix = captured.info.get("base_model_prefix", "")
@@ -92,8 +104,22 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
         return self._lowered_graph
 
     def _relower(self) -> None:
-        lowered = lower(self.base, self._adapters, self._active, self._merged, self, self._prefix, self._hidden)
-        self._set_lowered(lowered)
+        self._set_lowered(self._fresh())
+
+    @property
+    def _composed(self) -> Block | None:
+        """The setup lowered by lower_composition: a block other than a Stack of one adapter name (which is that
+        adapter alone, as in the reference, and lowers like it for every method)."""
+        setup = self._setup
+        if setup is None or (setup.kind == "stack" and len(setup.children) == 1 and isinstance(setup.children[0], str)):
+            return None
+        return setup
+
+    def _fresh(self) -> Lowered:
+        setup = self._composed
+        fusions = [self._fusions[n] for n in sorted(_fusion_names(setup))] if setup is not None else []
+        return lower(self.base, self._adapters, self._active, self._merged, self, self._prefix, self._hidden,
+                     setup, fusions)
 
     def _set_lowered(self, lowered: Lowered) -> None:
         graph = lowered.graph
@@ -154,14 +180,29 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
                 known = ", ".join(map(repr, self._adapters)) or "none (add one with add_adapter)"
                 raise UserError(f"{path}: unknown adapter {name!r}; added adapters: {known}.")
 
+    def _parse_setup(self, setup: Any, path: str) -> tuple[list[str], Block | None]:
+        """An adapter setup as (the adapter names, the parsed composition block or None). A block (fxadapt.blocks,
+        or its spec form {"stack": [...]}) is checked with the reference's nesting rules; its Fuse blocks need an
+        AdapterFusion (add_adapter_fusion / load_adapter_fusion)."""
+        if not isinstance(setup, AdapterCompositionBlock | dict):
+            return self._names(setup, path), None
+        block = parse_composition(setup.to_json() if isinstance(setup, AdapterCompositionBlock) else setup,
+                                  set(self._adapters), path)
+        for fuse in (b for b in blocks(block) if b.kind == "fuse"):
+            if fuse.fusion_name not in self._fusions:
+                children = ", ".join(repr(c if isinstance(c, str) else c.last()) for c in fuse.children)
+                raise UserError(f"{fuse.path}: no AdapterFusion {fuse.fusion_name!r} for this Fuse block; add it "
+                                f"with add_adapter_fusion(Fuse({children})) or load_adapter_fusion(DIR) first.")
+        return list(dict.fromkeys(block.flatten())), block
+
     def _names(self, setup: Any, path: str) -> list[str]:
         """An adapter setup (a name, a list of names, or None) as a list of names."""
         if setup is None:
             return []
         names = [setup] if isinstance(setup, str) else list(setup) if isinstance(setup, list | tuple) else None
         if names is None or not all(isinstance(n, str) for n in names):
-            raise UserError(f"{path}: expected an adapter name or a list of names, got {setup!r}; composition "
-                            "blocks (Stack, Parallel, Fuse, ...) are not supported by the Python API yet.")
+            raise UserError(f"{path}: expected an adapter name, a list of names or a composition block such as "
+                            f"Stack(\"a\", \"b\") (fxadapt.Stack, Parallel, Fuse, ...), got {setup!r}.")
         self._require(names, path)
         if len(names) > 1 and any(self._adapters[n].config.architecture != "lora" for n in names):
             raise UserError(f"{path}: activating several adapters at once is supported for LoRA-family adapters only "
@@ -185,25 +226,48 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._require([adapter_name], f"delete_adapter({adapter_name!r})")
+        fusions = [f for f, d in self._fusions.items() if adapter_name in d.adapters]
+        for fusion in fusions:
+            self._drop_fusion(fusion)  # a fusion over a deleted adapter cannot run
         del self._adapters[adapter_name], self._placements[adapter_name]
         registry = getattr(self, REGISTRY)
         if slug(adapter_name) in registry:
             del registry[slug(adapter_name)]
         relower = adapter_name in self._active or adapter_name in self._merged
+        if self._setup is not None and adapter_name in self._active:
+            self._setup = None  # a composition without one of its adapters: deactivated
+            self._active = []
         self._active = [n for n in self._active if n != adapter_name]
         self._merged = [n for n in self._merged if n != adapter_name]
         if relower:
             self._relower()
 
     def set_active_adapters(self, adapter_setup: Any) -> None:
-        """Activate an adapter (or several LoRA-family adapters); None deactivates all. Re-lowers the graph."""
-        self._active = self._names(adapter_setup, "set_active_adapters")
-        if len(self._active) == 1 and self._active[0] in self.heads:
-            self.active_head = self._active[0]  # as the reference: a head named like the adapter follows it
-        self._relower()
+        """Activate an adapter, several LoRA-family adapters (a list: their updates add up) or a composition
+        block (Stack, Parallel, Fuse, Split, BatchSplit, Average, MultiTask); None deactivates all. Re-lowers."""
+        names, block = self._parse_setup(adapter_setup, "set_active_adapters")
+        self._set_setup(names, block)
+        last = names[0] if len(names) == 1 and block is None else (
+            block.children[-1] if block is not None and block.kind == "stack" else None)
+        if isinstance(last, str) and last in self.heads:
+            self.active_head = last  # as the reference: a head named like the (last stacked) adapter follows it
+
+    def _set_setup(self, names: list[str], block: Block | None) -> None:
+        """Activate a parsed setup; on a lowering error the previous setup stays active."""
+        before = (self._active, self._setup)
+        self._active, self._setup = names, block
+        try:
+            self._relower()
+        except BaseException:
+            self._active, self._setup = before
+            self._relower()
+            raise
 
     @property
-    def active_adapters(self) -> list[str] | None:
+    def active_adapters(self) -> list[str] | AdapterCompositionBlock | None:
+        """The active composition block (fxadapt.blocks) as it was set, or the list of active adapter names."""
+        if self._setup is not None:
+            return from_json(self._setup)
         return list(self._active) or None
 
     @active_adapters.setter
@@ -241,12 +305,10 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
         for param in self.base.parameters():
             param.requires_grad = not freeze
 
-    def train_adapter(self, adapter_setup: Any, train_embeddings: bool = False) -> None:
-        """Activate `adapter_setup` and make only its adapters (and task heads) trainable, as the reference does."""
-        path = f"train_adapter({adapter_setup!r})"
-        names = self._names(adapter_setup, path)
-        if not names:
-            raise UserError(f"{path}: nothing to train; pass the name of an added adapter.")
+    def _prepare_training(self, path: str, names: list[str], adapters: bool, fusions: set[str],
+                          train_embeddings: bool = False) -> None:
+        """Freeze the base model; make trainable the task/flex heads, the adapters in `names` (if `adapters`) and
+        the fusions in `fusions`; everything else frozen."""
         merged = [n for n in names if n in self._merged]
         if merged:
             raise UserError(f"{path}: adapter {merged[0]!r} is merged into the weights; call reset_adapter() before "
@@ -259,19 +321,40 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
                 param.requires_grad = True
         for name in self._adapters:
             for param in nn.ModuleList(self.adapter_modules(name)).parameters():
-                param.requires_grad = name in names
+                param.requires_grad = adapters and name in names
+        for name in self._fusions:
+            for param in nn.ModuleList(self._fusion_modules(name)).parameters():
+                param.requires_grad = name in fusions
         for param in self.heads.parameters():
             param.requires_grad = True
+
+    def train_adapter(self, adapter_setup: Any, train_embeddings: bool = False) -> None:
+        """Activate `adapter_setup` (a name, a list or a composition block) and make only its adapters (and task
+        heads) trainable, as the reference does; fusions stay frozen (train_adapter_fusion trains them)."""
+        path = f"train_adapter({adapter_setup!r})"
+        names, block = self._parse_setup(adapter_setup, path)
+        if not names:
+            raise UserError(f"{path}: nothing to train; pass the name of an added adapter.")
+        self._prepare_training(path, names, True, set(), train_embeddings)
         if not any(p.requires_grad for n in names for m in self.adapter_modules(n) for p in m.parameters()):
             raise UserError(f"{path}: {', '.join(map(repr, names))} has no trainable parameters.")
-        self.set_active_adapters(names)
+        self.set_active_adapters(adapter_setup if block is not None else names)
         self.train()
 
-    def add_adapter_fusion(self, *args, **kwargs) -> None:
-        raise UserError("add_adapter_fusion: AdapterFusion is not supported by fxadapt's Python API yet.")
-
-    def train_adapter_fusion(self, *args, **kwargs) -> None:
-        raise UserError("train_adapter_fusion: AdapterFusion is not supported by fxadapt's Python API yet.")
+    def train_adapter_fusion(self, adapter_setup: Any, unfreeze_adapters: bool = False) -> None:
+        """Activate a setup with Fuse blocks (e.g. Fuse("a", "b")) and train only its AdapterFusion layers (and task
+        heads); the fused adapters stay frozen unless `unfreeze_adapters`, as in the reference."""
+        path = f"train_adapter_fusion({adapter_setup!r})"
+        if isinstance(adapter_setup, list | tuple) and adapter_setup and all(isinstance(n, str) for n in adapter_setup):
+            adapter_setup = {"fuse": list(adapter_setup)}  # the reference's old list form of a fusion
+        names, block = self._parse_setup(adapter_setup, path)
+        fusions = _fusion_names(block)
+        if not fusions:
+            raise UserError(f"{path}: the setup has no Fuse block, so there is no fusion to train; pass "
+                            "Fuse(\"a\", \"b\") (after add_adapter_fusion), or use train_adapter for adapters.")
+        self._prepare_training(path, names, unfreeze_adapters, fusions)
+        self.set_active_adapters(adapter_setup)
+        self.train()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Checkpoint activations per transformer layer (lifecycle/checkpointing.py)."""
@@ -313,8 +396,21 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
             self.active_head = None
 
     # -- forward -------------------------------------------------------------------------------------------
+    def _input_names(self) -> list[str]:
+        """The lowered graph's inputs: the captured ones, plus `task_ids` under a MultiTask setup."""
+        extra = ["task_ids"] if multi_task_children(self._composed) else []
+        return [*self.captured.input_names, *extra]
+
+    def _check_setup_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Split / BatchSplit sizes must add up to the sequence length / batch size (the reference raises too)."""
+        first = next(iter(inputs.values()))
+        try:
+            check_sizes(self._composed, first.shape[0], first.shape[1] if first.dim() > 1 else None)
+        except UserError as exc:
+            raise UserError(f"forward: {exc}") from None
+
     def _inputs(self, given: dict[str, Any]) -> dict[str, torch.Tensor]:
-        names = self.captured.input_names
+        names = self._input_names()
         inputs = {k: v for k, v in given.items() if v is not None}
         extra = [k for k in inputs if k not in names]
         for key in extra:
@@ -323,6 +419,9 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
                 del inputs[key]
         extra = [k for k in inputs if k not in names]
         missing = [k for k in names if k not in inputs]
+        if missing == ["task_ids"] and not extra:
+            raise UserError("forward: the active MultiTask setup needs task_ids, one child index per row of the "
+                            "batch (as in the reference).")
         if extra or missing:
             raise UserError(f"forward: the model was captured with inputs {', '.join(names)}; "
                             + (f"got unexpected {', '.join(extra)}" if extra else f"missing {', '.join(missing)}")
@@ -335,7 +434,10 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
         given = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                      position_ids=position_ids, pixel_values=pixel_values, decoder_input_ids=decoder_input_ids,
                      **kwargs)
-        outputs = self._lowered_graph(**self._inputs(given))
+        inputs = self._inputs(given)
+        if self._composed is not None:
+            self._check_setup_inputs(inputs)
+        outputs = self._lowered_graph(**inputs)
         if self.active_head is not None:
             head = self.heads[self.active_head]
             logits = head.logits(outputs["last_hidden_state"])
@@ -349,17 +451,19 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
     def adapter_summary(self, as_dict: bool = False) -> str | list[dict[str, Any]]:
         entries = {n: (self._adapters[n].method.NAME if n not in self._merged else "merged " +
                        self._adapters[n].method.NAME, self.adapter_modules(n)) for n in self._adapters}
+        entries.update({f"fusion {n}": ("fusion", self._fusion_modules(n)) for n in self._fusions})
         entries.update({f"head {n}": ("classification", [h]) for n, h in self.heads.items()})
-        table = summary.rows(entries, self._active + ([f"head {self.active_head}"] if self.active_head else []),
+        active = self._active + [f"fusion {n}" for n in _fusion_names(self._composed)]
+        table = summary.rows(entries, active + ([f"head {self.active_head}"] if self.active_head else []),
                              summary.count([self.base]), summary.trainable([self.base]))
         return table if as_dict else summary.render(table)
 
     # -- deployment ----------------------------------------------------------------------------------------
     def _spec(self, merge_lora: bool) -> Spec:
-        return Spec({n: self._adapters[n] for n in self._active}, list(self._active), {"merge_lora": merge_lora})
-
-    def _fresh(self) -> Lowered:
-        return lower(self.base, self._adapters, self._active, self._merged, self, self._prefix, self._hidden)
+        setup = self._composed
+        fusions = [self._fusions[n] for n in sorted(_fusion_names(setup))]
+        return Spec({n: self._adapters[n] for n in self._active}, list(self._active), {"merge_lora": merge_lora},
+                    setup, fusions)
 
     def compile(self, output_dir: str | Path, formats: tuple[str, ...] = ("onnx",), merge_lora: bool = True,
                 atol: float = 1e-4, rtol: float = 1e-4, progress=lambda _: None):
@@ -367,13 +471,13 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, nn.Module):
         head = self.heads[self.active_head] if self.active_head else None
         with _evaluating(self):
             return exporting.compile_adapted(self.captured, self._fresh(), head, self._spec(merge_lora),
-                                             Path(output_dir), tuple(formats), (atol, rtol), progress)
+                                             Path(output_dir), tuple(formats), (atol, rtol), progress, self._composed)
 
     def export(self, merge_lora: bool = True) -> torch.export.ExportedProgram:
         """The current setup, optimized, as a torch.export ExportedProgram (e.g. for AOTInductor)."""
         head = self.heads[self.active_head] if self.active_head else None
         with _evaluating(self):
-            return exporting.export_adapted(self.captured, self._fresh(), head, merge_lora)
+            return exporting.export_adapted(self.captured, self._fresh(), head, merge_lora, self._composed)
 
 
 class _evaluating:

@@ -200,8 +200,8 @@ def test_unknown_adapters_are_user_errors(model):
     with pytest.raises(UserError, match="LoRA-family"):
         model.merge_adapter("a")
     assert model._merged == []
-    with pytest.raises(UserError, match="not supported"):
-        model.add_adapter_fusion(["a"])
+    with pytest.raises(UserError, match="no Fuse block"):
+        model.train_adapter_fusion("a")
 
 
 def test_averaging_needs_equal_configs_and_a_known_strategy(model):

@@ -4,6 +4,10 @@ pipeline (fxadapt.pipeline): optimize (merge_lora, DCE) -> re-export -> ONNX / T
 With an active flex head the exported model is `logits = head(graph(inputs).last_hidden_state[:, 0])`:
 the graph is optimized first (merge_lora needs the adapter modules as call_module nodes), then re-captured
 together with the head, so the artifact holds both.
+
+A composition setup changes the export's inputs as in the CLI (fxadapt/pipeline.py): Split / BatchSplit
+pin the sequence length / batch size (example inputs of those sizes, the dims static), Parallel bounds
+the batch so that its N copies stay in range, MultiTask adds the `task_ids` input.
 """
 
 from __future__ import annotations
@@ -71,16 +75,51 @@ def _optimized(lowered: Lowered, merge: bool) -> tuple[fx.GraphModule, dict[str,
     return run_passes(lowered.graph, passes)
 
 
-def built(captured: Captured, lowered: Lowered, head: ClassificationHead | None, merge: bool) -> tuple[Result, bool]:
+def _for_setup(info: dict, setup) -> dict:
+    """The capture's fields with the example inputs and dynamic dims a composition setup needs (see above)."""
+    if setup is None:
+        return info
+    from ..composition import multi_task_children, parallel_channels, pinned_dims
+
+    info = dict(info)
+    shapes = {name: dict(dims) for name, dims in info["dynamic_shapes"].items()}
+    example = dict(info["example_inputs"])
+    first = next(iter(example.values()))
+    pins, channels, tasks = pinned_dims(setup), parallel_channels(setup), multi_task_children(setup)
+    if pins:
+        seq = first.shape[1] if first.dim() > 1 else 1
+        example = LifecycleCaptured(**info).inputs(pins.get("batch", first.shape[0]), pins.get("seq", seq), seed=1)
+        for dims in shapes.values():
+            for axis, key in ((0, "batch"), (1, "seq")):
+                if key in pins:
+                    dims.pop(axis, None)
+        info["info"] = {**info["info"], "pinned": pins}
+    if channels > 1 and "batch" not in pins:
+        batch = torch.export.Dim("batch", min=2, max=4096 // channels)
+        for dims in shapes.values():
+            if 0 in dims:
+                dims[0] = batch
+    if tasks:
+        rows = next(iter(example.values())).shape[0]
+        example["task_ids"] = torch.arange(rows) % tasks
+        batch_dim = next((dims[0] for dims in shapes.values() if 0 in dims), None)
+        shapes["task_ids"] = {0: batch_dim} if batch_dim is not None else {}
+        info["input_names"] = [*info["input_names"], "task_ids"]
+    info["example_inputs"], info["dynamic_shapes"] = example, shapes
+    return info
+
+
+def built(captured: Captured, lowered: Lowered, head: ClassificationHead | None, merge: bool,
+          setup=None) -> tuple[Result, bool]:
     """The pipeline Result for this setup; the bool says whether the pipeline should still merge LoRA."""
-    info = {f.name: getattr(captured, f.name) for f in dataclasses.fields(Captured)}
+    info = _for_setup({f.name: getattr(captured, f.name) for f in dataclasses.fields(Captured)}, setup)
     placements = lowered.graph.meta.get("fxadapt", {}).get("placements", [])
     if head is None:
         view = LifecycleCaptured(**{**info, "module": lowered.graph})
         return Result(view, lowered.sites, lowered.graph, dict(lowered.counts)), merge
     graph, counts = _optimized(lowered, merge)
-    wrapper = with_head(graph, head, captured.input_names)
-    module = export_program(wrapper, captured.example_inputs, captured.dynamic_shapes).module()
+    wrapper = with_head(graph, head, info["input_names"])
+    module = export_program(wrapper, info["example_inputs"], info["dynamic_shapes"]).module()
     unlock_modes(module)
     module.meta["fxadapt"] = {"placements": placements}
     view = LifecycleCaptured(**{**info, "module": module, "output_names": ["logits"]})
@@ -88,8 +127,9 @@ def built(captured: Captured, lowered: Lowered, head: ClassificationHead | None,
 
 
 def compile_adapted(captured: Captured, lowered: Lowered, head: ClassificationHead | None, spec: Spec,
-                    out_dir: Path, formats: tuple[str, ...], tolerance: tuple[float, float], progress) -> Result:
-    result, merge = built(captured, lowered, head, spec.optimize.get("merge_lora", True))
+                    out_dir: Path, formats: tuple[str, ...], tolerance: tuple[float, float], progress,
+                    setup=None) -> Result:
+    result, merge = built(captured, lowered, head, spec.optimize.get("merge_lora", True), setup)
     spec = dataclasses.replace(spec, optimize={**spec.optimize, "merge_lora": merge})
     atol, rtol = tolerance
     return compile_model(captured.source, spec, Path(out_dir), tuple(formats), atol=atol, rtol=rtol,
@@ -97,8 +137,10 @@ def compile_adapted(captured: Captured, lowered: Lowered, head: ClassificationHe
 
 
 def export_adapted(captured: Captured, lowered: Lowered, head: ClassificationHead | None,
-                   merge: bool) -> torch.export.ExportedProgram:
-    """The optimized adapted model as a torch.export ExportedProgram (dynamic batch and sequence)."""
+                   merge: bool, setup=None) -> torch.export.ExportedProgram:
+    """The optimized adapted model as a torch.export ExportedProgram (dynamic batch and sequence, unless the
+    setup pins them)."""
+    info = _for_setup({f.name: getattr(captured, f.name) for f in dataclasses.fields(Captured)}, setup)
     graph, _ = _optimized(lowered, merge)
-    module: nn.Module = with_head(graph, head, captured.input_names) if head is not None else graph
-    return export_program(module, captured.example_inputs, captured.dynamic_shapes)
+    module: nn.Module = with_head(graph, head, info["input_names"]) if head is not None else graph
+    return export_program(module, info["example_inputs"], info["dynamic_shapes"])

@@ -11,6 +11,17 @@ lowering runs the insertion under a forked RNG, so re-lowering does not disturb 
 Merged LoRA adapters (merge_adapter) are inserted first and folded into the weights by the
 `merge_lora` pass (W' = W + (alpha/r)·B·A, written as a new tensor, so the captured weight object is
 never touched and reset_adapter is bit-exact); the active adapters are inserted on top.
+
+A composition setup (Stack, Parallel, Fuse, ...; fxadapt/composition.py) is lowered by the
+`lower_composition` pass instead, which builds one composed module per adapted site holding fresh
+adapter modules under `adapters.<name>` and fusions under `adapter_fusion_layer.<fusion>`. Those are
+replaced by the registry's persistent modules of the same (adapter, site):
+
+    composed.adapters.<name>                 := fxadapt.<adapter>.L<layer>_<role>   (the same module object)
+    composed.adapter_fusion_layer.<fusion>   := fusions.<fusion>.L<layer>_<role>
+
+so the weights are shared by every setup an adapter takes part in (and by single activation). Fusion
+modules are created once, by `instantiate_fusion` (add_adapter_fusion), at the sites the pass gives them.
 """
 
 from __future__ import annotations
@@ -24,7 +35,11 @@ import torch
 from torch import fx, nn
 
 from .. import meta
+from ..compose.fusion import Fusion
+from ..compose.fusion_spec import FusionDef
+from ..composition import Block, multi_task_children
 from ..errors import UserError
+from ..graph_edit import slug
 from ..methods.base import Placement
 from ..passes.insert_adapters import insert_adapters
 from ..passes.manager import run_passes
@@ -34,6 +49,7 @@ from ..spec import AdapterDef, Spec
 from .base_graph import fresh_copy
 
 REGISTRY = "fxadapt"  # attribute of the AdaptedModel holding the modules, mirroring the graph's paths
+FUSIONS = "fusions"  # attribute of the AdaptedModel holding AdapterFusion modules, fusions.<fusion>.<site>
 
 
 @dataclass
@@ -52,9 +68,14 @@ def registered(holder: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def registry_path(root: str, name: str, role: str, layer: int) -> str:
+    """The registry path of `name`'s module at a site, as insert_adapters (graph_edit.add_module) names it."""
+    return f"{root}.{slug(name)}.{slug(f'L{layer}_{role}')}"
+
+
 def _adopt(holder: nn.Module, path: str, module: nn.Module, device: torch.device | None) -> None:
-    _, adapter, site = path.split(".")
-    registry: nn.ModuleDict = getattr(holder, REGISTRY)
+    root, adapter, site = path.split(".")
+    registry: nn.ModuleDict = getattr(holder, root)
     if adapter not in registry:
         registry[adapter] = nn.ModuleDict()
     if device is not None:
@@ -75,25 +96,77 @@ def _bind(gm: fx.GraphModule, placements: list[Placement], holder: nn.Module, ad
             raise RuntimeError(f"no persistent module for {placement.module_path}")
 
 
+def _bind_composed(gm: fx.GraphModule, placements: list[Placement], holder: nn.Module) -> None:
+    """Replace the composed modules' fresh adapters and fusions by the registry's modules of the same site."""
+    for placement in placements:
+        root = FUSIONS if placement.method == "fusion" else REGISTRY
+        kept = registered(holder, registry_path(root, placement.adapter, placement.role, placement.layer))
+        fresh = gm.get_submodule(placement.module_path)
+        if kept is None or type(kept) is not type(fresh) or [p.shape for p in kept.parameters()] != [
+                p.shape for p in fresh.parameters()]:  # the registry out of step with its adapters: a bug
+            raise RuntimeError(f"no persistent module matching {placement.module_path} "
+                               f"({placement.adapter} at {placement.role} of layer {placement.layer})")
+        parent, _, key = placement.module_path.rpartition(".")
+        gm.get_submodule(parent)[key] = kept  # a ModuleDict: adapters / adapter_fusion_layer
+
+
+def composition_spec(defs: dict[str, AdapterDef], setup: Block, fusions: list[FusionDef]) -> Spec:
+    """The Spec of a composition setup over the registry's adapters (checked by compose/rules.check_setup)."""
+    from ..compose.rules import check_setup
+
+    names = list(dict.fromkeys(setup.flatten()))
+    # Weights come from the registry, never from a checkpoint directory here.
+    spec = Spec({n: dataclasses.replace(defs[n], load=None) for n in names}, names, {"merge_lora": False}, setup,
+                [dataclasses.replace(f, load=None) for f in fusions])
+    check_setup(spec)
+    return spec
+
+
 def _insert(gm: fx.GraphModule, defs: dict[str, AdapterDef], names: list[str], holder: nn.Module,
-            base_prefix: str, hidden: int | None, adopt: bool) -> tuple[fx.GraphModule, SiteMap, list[Placement],
-                                                                        dict[str, int]]:
+            base_prefix: str, hidden: int | None, adopt: bool, setup: Block | None = None,
+            fusions: list[FusionDef] | None = None) -> tuple[fx.GraphModule, SiteMap, list[Placement],
+                                                             dict[str, int]]:
     sites = find_sites(gm)
-    # Weights come from the registry, never from a checkpoint directory here (load_adapter fills the registry).
-    spec = Spec({n: dataclasses.replace(defs[n], load=None) for n in names}, list(names), {"merge_lora": False})
+    if setup is not None:  # insert_adapters hands a spec with a setup to the lower_composition pass
+        spec = composition_spec(defs, setup, fusions or [])
+    else:
+        # Weights come from the registry, never from a checkpoint directory (load_adapter fills the registry).
+        spec = Spec({n: dataclasses.replace(defs[n], load=None) for n in names}, list(names), {"merge_lora": False})
     rewrite = [("insert_adapters", functools.partial(insert_adapters, spec=spec, sites=sites, base_prefix=base_prefix,
                                                      hidden_size=hidden))]
     rng = contextlib.nullcontext() if adopt else torch.random.fork_rng(devices=[])
     with rng:
         gm, counts = run_passes(gm, rewrite)
     placements = list(gm.meta.get("fxadapt", {}).get("placements", []))
-    _bind(gm, placements, holder, adopt)
+    if setup is not None:
+        _bind_composed(gm, placements, holder)
+    else:
+        _bind(gm, placements, holder, adopt)
     return gm, sites, placements, counts
 
 
+def add_task_ids_input(gm: fx.GraphModule) -> None:
+    """A `task_ids` model input after the captured ones (MultiTask routes row r to child task_ids[r]), with
+    the pytree signature of the captured module extended to match."""
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+    from torch.utils import _pytree as pytree
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_after(placeholders[-1]):
+        gm.graph.placeholder("task_ids")
+    codegen = gm.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen):
+        names = [*codegen.pytree_info.orig_args, "task_ids"]
+        _, in_spec = pytree.tree_flatten(((), {n: 0 for n in names}))
+        gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, codegen.pytree_info.out_spec))
+    gm.recompile()
+
+
 def lower(base: fx.GraphModule, defs: dict[str, AdapterDef], active: list[str], merged: list[str],
-          holder: nn.Module, base_prefix: str = "", hidden: int | None = None) -> Lowered:
-    """The graph for `active` (eval mode), with the `merged` LoRA adapters folded into the weights."""
+          holder: nn.Module, base_prefix: str = "", hidden: int | None = None, setup: Block | None = None,
+          fusions: list[FusionDef] | None = None) -> Lowered:
+    """The graph for `active` (eval mode), with the `merged` LoRA adapters folded into the weights; with a
+    composition `setup` (whose adapters `active` lists), that setup and the `fusions` its Fuse blocks use."""
     gm = fresh_copy(base)
     counts: dict[str, int] = {}
     if merged:
@@ -108,6 +181,17 @@ def lower(base: fx.GraphModule, defs: dict[str, AdapterDef], active: list[str], 
                             f"weights ({reasons[0]['reason']}); keep the adapter unmerged.")
         counts.update(merge_counts)
         gm.meta.pop("fxadapt", None)
+    if setup is not None:
+        both = [n for n in dict.fromkeys(setup.flatten()) if n in merged]
+        if both:
+            raise UserError(f"{setup.path}: adapter {both[0]!r} is merged into the weights (merge_adapter); call "
+                            "reset_adapter() before composing it, or activate it alone.")
+        if multi_task_children(setup):
+            add_task_ids_input(gm)
+        gm, sites, placements, insert_counts = _insert(gm, defs, active, holder, base_prefix, hidden, adopt=False,
+                                                       setup=setup, fusions=fusions)
+        counts.update(insert_counts)
+        return Lowered(gm, sites, placements, counts)
     names = [n for n in active if n not in merged]
     if not names:
         return Lowered(gm, find_sites(gm), [], counts)
@@ -124,3 +208,28 @@ def instantiate(base: fx.GraphModule, adapter: AdapterDef, holder: nn.Module, ba
     gm, _, placements, _ = _insert(gm, {adapter.name: adapter}, [adapter.name], holder, base_prefix, hidden,
                                    adopt=True)
     return gm, placements
+
+
+def instantiate_fusion(base: fx.GraphModule, defs: dict[str, AdapterDef], fusion: FusionDef, holder: nn.Module,
+                       base_prefix: str = "", hidden: int | None = None, dropout: float = 0.0) -> list[Placement]:
+    """Create an AdapterFusion's modules in the registry (`fusions.<fusion>.<site>`), initialised as the
+    reference's BertFusion (with the global RNG, as add_adapter_fusion there), at the residual sites where
+    lower_composition puts it; returns its placements (module_path: the registry path)."""
+    setup = Block("fuse", list(fusion.adapters), f"add_adapter_fusion({fusion.name!r})", name=fusion.name)
+    gm = fresh_copy(base)
+    sites = find_sites(gm)
+    spec = composition_spec(defs, setup, [fusion])
+    rewrite = [("insert_adapters", functools.partial(insert_adapters, spec=spec, sites=sites, base_prefix=base_prefix,
+                                                     hidden_size=hidden))]
+    with torch.random.fork_rng(devices=[]):  # the scratch graph's fresh modules must not use the user's RNG
+        gm, _ = run_passes(gm, rewrite)
+    found = [p for p in gm.meta["fxadapt"]["placements"] if p.method == "fusion"]
+    device = next((p.device for p in base.parameters()), None)
+    placements = []
+    for placement in sorted(found, key=lambda p: (p.layer, p.role != "residual.attn")):  # the reference's order
+        scratch = gm.get_submodule(placement.module_path)
+        size = next(m for m in scratch.modules() if isinstance(m, nn.Linear)).in_features
+        path = registry_path(FUSIONS, fusion.name, placement.role, placement.layer)
+        _adopt(holder, path, Fusion(fusion.config, size, dropout, bert_init=True), device)
+        placements.append(dataclasses.replace(placement, module_path=path))
+    return placements
