@@ -73,6 +73,12 @@ class FusionMixin:
             raise UserError(f"{path}: expected Fuse(\"a\", \"b\"), a list of adapter names or \"a,b\"; a fusion "
                             "attends over adapters named directly (as in the reference).")
         self._require(children, path)
+        bottlenecks = all(self._adapters[n].method.NAME == "bottleneck" for n in children)  # others: check_setup
+        for location in ("mh_adapter", "output_adapter") if bottlenecks else ():  # the reference's common_config_value
+            values = {n: getattr(self._adapters[n].config, location) for n in children}
+            if len(set(values.values())) > 1:
+                raise UserError(f"{path}: the fused adapters must all set {location} alike (the reference's rule: a "
+                                f"fusion layer sits where all of them act); got {values}.")
         name = name or ",".join(children)
         if "." in name:
             raise UserError(f"{path}: a fusion name cannot contain \".\" (it becomes a module name), got {name!r}.")
