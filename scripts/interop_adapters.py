@@ -9,13 +9,16 @@ The save step trains each adapter for a few SGD steps on random data (so no weig
 initial value), saves it with `AdaptedModel.save_adapter` and writes the inputs and fxadapt's outputs
 to DIR/io.safetensors. The check step loads every adapter into the reference (`load_adapter(DIR,
 use_safetensors=True)`; PEFT: `PeftModel.from_pretrained(model, DIR/peft)`), recomputes the three
-`average_adapter` strategies inside `adapters` from the two saved inputs, and prints the max abs error
-per case; it exits 1 above the tolerance (1e-5). Base models are the tiny reference fixtures.
+`average_adapter` strategies inside `adapters` from the two saved inputs, loads the composition cases'
+adapters (and their fusion, `load_adapter_fusion(DIR, use_safetensors=True)`) and activates the same
+block there, and prints the max abs error per case; it exits 1 above the tolerance (1e-5). Base models
+are the tiny reference fixtures.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -40,6 +43,15 @@ CASES: dict[str, tuple[str, str, int | None]] = {
     "llama_seq_bn": ("llama", "seq_bn", None),
 }
 AVERAGES = {"linear": None, "lora_linear_only_negate_b": None, "lora_delta_w_svd": 3}
+# Composition on BERT: name -> (adapters, setup in the spec's JSON form, how it trains). "fusion": the fusion and
+# the adapters train together (train_adapter_fusion(..., unfreeze_adapters=True)); "adapters": train_adapter(setup).
+COMPOSITIONS = {
+    "fuse_bn": ({"fa": "seq_bn", "fb": "seq_bn[reduction_factor=8]"}, {"fuse": ["fa", "fb"]}, "fusion"),
+    "stack_fuse_bn": ({"sa": "seq_bn", "sb": "seq_bn[reduction_factor=4,non_linearity='gelu']", "sc": "seq_bn"},
+                      {"stack": [{"fuse": ["sa", "sb"]}, "sc"]}, "fusion"),
+    "stack_lora": ({"la": "lora[r=4,alpha=8]", "lb": "lora[r=2,alpha=4,attn_matrices=['q','k']]"},
+                   {"stack": ["la", "lb"]}, "adapters"),
+}
 
 
 def _inputs(arch: str):
@@ -52,11 +64,11 @@ def _inputs(arch: str):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _train(model, name: str, seed: int, steps: int = 3) -> None:
+def _train(model, name, seed: int, steps: int = 3, start=None) -> None:
     """A few SGD steps on random targets, so every saved weight differs from its initial value."""
     import torch
 
-    model.train_adapter(name)
+    (start or model.train_adapter)(name)
     gen = torch.Generator().manual_seed(seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.5)
@@ -119,9 +131,50 @@ def save(out_dir: Path) -> None:
             tensors[f"{name}.out"] = model(**_inputs("bert")).last_hidden_state.contiguous()
         cases.append({"name": name, "arch": "bert", "field": "last_hidden_state", "layouts": ["average"],
                       "strategy": strategy, "svd_rank": svd_rank, "inputs": ["avg_in_a", "avg_in_b"]})
+    # Composition blocks: trained under the block, saved per adapter (+ the fusion), checked under the same block.
+    for index, (case, (configs, setup, trains)) in enumerate(COMPOSITIONS.items()):
+        model = fxadapt.AdaptedModel(captured["bert"].captured)
+        for name, config in configs.items():
+            model.add_adapter(name, config)
+        fuses = _fuses(setup)
+        for fuse in fuses:
+            model.add_adapter_fusion(fuse)
+        block = fxadapt.blocks.from_json(setup)
+        start = functools.partial(model.train_adapter_fusion, unfreeze_adapters=True) if trains == "fusion" else None
+        _train(model, block, seed=200 + index, start=start)
+        for name in configs:
+            model.save_adapter(out_dir / case / name, name, peft_layout=False)
+        for fuse in fuses:
+            model.save_adapter_fusion(out_dir / case / ("fusion_" + "_".join(fuse)), fuse)
+        with torch.no_grad():
+            tensors[f"{case}.out"] = model(**_inputs("bert")).last_hidden_state.contiguous()
+        cases.append({"name": case, "arch": "bert", "field": "last_hidden_state", "layouts": ["composition"],
+                      "adapters": list(configs), "setup": setup,
+                      "fusions": ["fusion_" + "_".join(f) for f in fuses]})
     save_file(tensors, str(out_dir / "io.safetensors"))
     (out_dir / "cases.json").write_text(json.dumps(cases, indent=2))
     print(f"saved {len(cases)} cases to {out_dir}")
+
+
+def _fuses(setup) -> list[list[str]]:
+    """The adapter lists of the fuse blocks in a setup's JSON form."""
+    if not isinstance(setup, dict):
+        return []
+    kind = next(iter(setup))
+    found = [setup[kind]] if kind == "fuse" else []
+    return found + [f for child in setup[kind] for f in _fuses(child)]
+
+
+def _reference_block(setup):
+    """The setup's JSON form as adapters.composition blocks."""
+    from adapters import composition
+
+    if isinstance(setup, str):
+        return setup
+    kind = next(iter(setup))
+    classes = {"stack": composition.Stack, "fuse": composition.Fuse, "parallel": composition.Parallel,
+               "average": composition.Average}
+    return classes[kind](*[_reference_block(c) for c in setup[kind]])
 
 
 def _reference_output(case: dict, layout: str, directory: Path, inputs: dict):
@@ -142,7 +195,13 @@ def _reference_output(case: dict, layout: str, directory: Path, inputs: dict):
     else:
         model = transformers.AutoModel.from_pretrained(model_dir).eval()
         adapters.init(model)
-        if layout == "average":
+        if layout == "composition":
+            for name in case["adapters"]:
+                model.load_adapter(str(directory / case["name"] / name), use_safetensors=True)
+            for fusion in case["fusions"]:
+                model.load_adapter_fusion(str(directory / case["name"] / fusion), use_safetensors=True)
+            model.set_active_adapters(_reference_block(case["setup"]))
+        elif layout == "average":
             for name in case["inputs"]:
                 model.load_adapter(str(directory / name), use_safetensors=True)
             model.average_adapter("avg", case["inputs"], weights=AVERAGE_WEIGHTS, combine_strategy=case["strategy"],
