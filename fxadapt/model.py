@@ -345,8 +345,6 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, nn.Module):
         """Activate a setup with Fuse blocks (e.g. Fuse("a", "b")) and train only its AdapterFusion layers (and task
         heads); the fused adapters stay frozen unless `unfreeze_adapters`, as in the reference."""
         path = f"train_adapter_fusion({adapter_setup!r})"
-        if isinstance(adapter_setup, list | tuple) and adapter_setup and all(isinstance(n, str) for n in adapter_setup):
-            adapter_setup = {"fuse": list(adapter_setup)}  # the reference's old list form of a fusion
         names, block = self._parse_setup(adapter_setup, path)
         fusions = _fusion_names(block)
         if not fusions:
