@@ -1,8 +1,10 @@
 """Same numbers as `adapters` 1.3.0: every reference fixture (6 models x seq_bn, double_seq_bn, LoRA q/v,
 LoRA at all locations; every adapter parameter perturbed) loads through `{"load": DIR}`, compiles, and
-its GraphModule, ONNX and TorchScript outputs match the reference within 1e-5 (max|a - r| <= 1e-5 +
-1e-5·max|r|: the graph and TorchScript are bit-exact; ONNX Runtime's attention rounds differently, up to
-1.8e-5 on one element of an output of magnitude 3.2)."""
+its GraphModule, ONNX and TorchScript outputs match the reference within 1e-5, absolute, on every element.
+
+The bound is meaningful because each fixture's own float32 rounding error (|fp32 - fp64| of the reference,
+recorded as case.json "fp32_error" where the generator measures it) is at most a quarter of it; see
+docs/fixtures.md, "Conditioning"."""
 
 from __future__ import annotations
 
@@ -19,5 +21,5 @@ def test_reference_fixture(case, tmp_path):
     result, errors, change = evaluate_case(case, tmp_path / "out", ATOL)
     assert result.ok, [c for c in result.checks if not c.ok]
     assert change > 1e-4, "the adapter must change the output, or the fixture proves nothing"
-    for fmt, (err, ok) in errors.items():
-        assert ok, f"{case} {fmt}: max abs error {err:.2e} against adapters 1.3.0"
+    for fmt, (err, _) in errors.items():
+        assert err <= ATOL, f"{case} {fmt}: max abs error {err:.2e} against adapters 1.3.0 (limit {ATOL:.0e})"
