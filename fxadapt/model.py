@@ -184,6 +184,8 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, nn.Module):
         """An adapter setup as (the adapter names, the parsed composition block or None). A block (fxadapt.blocks,
         or its spec form {"stack": [...]}) is checked with the reference's nesting rules; its Fuse blocks need an
         AdapterFusion (add_adapter_fusion / load_adapter_fusion)."""
+        if isinstance(setup, list | tuple) and len(dict.fromkeys(setup)) > 1:
+            setup = {"stack": list(dict.fromkeys(setup))}  # as the reference: a list of names is a Stack
         if not isinstance(setup, AdapterCompositionBlock | dict):
             return self._names(setup, path), None
         block = parse_composition(setup.to_json() if isinstance(setup, AdapterCompositionBlock) else setup,
@@ -204,9 +206,6 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, nn.Module):
             raise UserError(f"{path}: expected an adapter name, a list of names or a composition block such as "
                             f"Stack(\"a\", \"b\") (fxadapt.Stack, Parallel, Fuse, ...), got {setup!r}.")
         self._require(names, path)
-        if len(names) > 1 and any(self._adapters[n].config.architecture != "lora" for n in names):
-            raise UserError(f"{path}: activating several adapters at once is supported for LoRA-family adapters only "
-                            "(their updates add up, the reference's Stack); activate one bottleneck adapter.")
         return list(dict.fromkeys(names))
 
     def add_adapter(self, adapter_name: str, config: Any = "seq_bn", overwrite_ok: bool = False,
@@ -243,8 +242,8 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, nn.Module):
             self._relower()
 
     def set_active_adapters(self, adapter_setup: Any) -> None:
-        """Activate an adapter, several LoRA-family adapters (a list: their updates add up) or a composition
-        block (Stack, Parallel, Fuse, Split, BatchSplit, Average, MultiTask); None deactivates all. Re-lowers."""
+        """Activate an adapter, a composition block (Stack, Parallel, Fuse, Split, BatchSplit, Average, MultiTask)
+        or a list of names (a Stack, as in the reference); None deactivates all. Re-lowers."""
         names, block = self._parse_setup(adapter_setup, "set_active_adapters")
         self._set_setup(names, block)
         last = names[0] if len(names) == 1 and block is None else (

@@ -74,6 +74,21 @@ def test_reference_fixture_through_the_python_api(captured, case):
     assert error <= 1e-5, f"{case}: max abs error {error:.2e} against adapters 1.3.0"
 
 
+@pytest.mark.parametrize("case", ["bert__stack_lora", "bert__stack_bn"])
+def test_a_list_of_names_is_a_stack_as_in_the_reference(captured, case):
+    """adapters 1.3.0 reads set_active_adapters(["a", "b"]) as Stack("a", "b") (for LoRA: b reads a's output)."""
+    info, io = load_case(case)
+    assert info["setup"] == {"stack": ["a", "b"]}
+    model = fxadapt.AdaptedModel(*captured)
+    for name, sub in info["adapters"].items():
+        model.load_adapter(REFERENCE / "cases" / case / sub, load_as=name)
+    model.set_active_adapters(["a", "b"])
+    assert model.active_adapters == Stack("a", "b")
+    inputs = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
+    error = (_out(model, inputs) - io["out.last_hidden_state"]).abs().max().item()
+    assert error <= 1e-5, f"{case}: max abs error {error:.2e} against adapters 1.3.0"
+
+
 def test_blocks_mirror_the_reference_classes():
     assert Fuse("a", "b").name == "a,b" and Fuse(Stack("a", "c"), "b").name == "c,b"
     assert Fuse("a", "b", name="f").to_json() == {"fuse": ["a", "b"], "name": "f"}
