@@ -16,8 +16,6 @@ fxadapt reads the reference's `pytorch_model_adapter_fusion.bin` as well.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..blocks import Fuse
-from ..checkpoints.adapterhub import _strip, replace_dir
+from ..checkpoints.adapterhub import _strip
 from ..compose import fusion_spec
 from ..errors import UserError
 from ..graph_edit import slug
@@ -143,27 +141,11 @@ class FusionMixin:
                 tensors[f"{placement.reference_module}.{name}.{key}"] = tensor.detach().contiguous().clone()
         facts = self._facts()
         data = {"adapter_names": list(fusion.adapters), "config": dict(fusion.config), **facts, "name": name}
-        directory = Path(save_directory)
-        if directory.exists() and not directory.is_dir():
-            raise UserError(f"{path}: {directory} exists and is not a directory; choose another path.")
-        try:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            stage = Path(tempfile.mkdtemp(prefix=f".{directory.name}.fxadapt-", dir=directory.parent))
-        except OSError as exc:
-            raise UserError(f"{path}: cannot write into {directory.parent} ({exc.strerror}).") from None
-        try:
-            out = stage / "out"
-            out.mkdir()
+        with saving.atomic_directory(Path(save_directory), path) as out:
             save_file(tensors, str(out / fusion_spec.WEIGHT_FILES[0]))
             (out / fusion_spec.CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
             if with_head:
                 saving._save_head(out, head_name, self.heads[head_name], facts)
-            replace_dir(out, directory)
-        except OSError as exc:
-            raise UserError(f"{path}: cannot write {directory} ({exc.strerror or exc}); its previous files are "
-                            "unchanged.") from None
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
 
     def load_adapter_fusion(self, adapter_fusion_name_or_path: str | Path, load_as: str | None = None,
                             set_active: bool = False, with_head: bool = True) -> str:

@@ -12,9 +12,11 @@ failed save leaves the previous files as they were. `adapters` 1.3.0 reads the d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +56,8 @@ def save_adapter(directory: Path, holder: nn.Module, adapter: AdapterDef, placem
                  facts: dict[str, Any], sites: SiteMap, head: ClassificationHead | None = None,
                  peft: bool = True) -> list[str]:
     """Write one adapter (and its head) to `directory`; returns the layouts written."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"save_adapter: {directory} exists and is not a directory; choose another path.")
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{directory.name}.fxadapt-", dir=directory.parent))
-    except OSError as exc:
-        raise UserError(f"save_adapter: cannot write into {directory.parent} ({exc.strerror}).") from None
     layouts = ["adapterhub"]
-    try:
-        out = stage / "out"
+    with atomic_directory(Path(directory), "save_adapter") as out:
         adapterhub.save(holder, placements, out, adapter.name, reference_config(adapter.config.to_dict()), facts)
         if head is not None:
             _save_head(out, adapter.name, head, facts)
@@ -75,13 +68,30 @@ def save_adapter(directory: Path, holder: nn.Module, adapter: AdapterDef, placem
             modules = {p.module_path: holder.get_submodule(p.module_path) for p in placements}
             peft_layout.write(out / PEFT_DIR, placements, modules, adapter.config, sites, facts.get("model_name"))
             layouts.append("peft")
+    return layouts
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: Path, path: str) -> Iterator[Path]:
+    """Yield an empty staging directory beside `directory` that replaces it when the block ends without an
+    error; on any error `directory` keeps its previous files. `path` names the call in error messages."""
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{path}: {directory} exists and is not a directory; choose another path.")
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{directory.name}.fxadapt-", dir=directory.parent))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write into {directory.parent} ({exc.strerror}).") from None
+    try:
+        out = stage / "out"
+        out.mkdir()
+        yield out
         adapterhub.replace_dir(out, directory)
     except OSError as exc:
-        raise UserError(f"save_adapter: cannot write {directory} ({exc.strerror or exc}); its previous files are "
+        raise UserError(f"{path}: cannot write {directory} ({exc.strerror or exc}); its previous files are "
                         "unchanged.") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    return layouts
 
 
 def _save_head(directory: Path, name: str, head: ClassificationHead, facts: dict[str, Any]) -> None:
