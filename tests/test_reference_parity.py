@@ -17,8 +17,10 @@ ATOL = 1e-5
 
 
 @pytest.mark.parametrize("case", reference_cases())
-def test_reference_fixture(case, tmp_path):
+def test_reference_fixture(case, tmp_path, record_property):
     result, errors, change = evaluate_case(case, tmp_path / "out", ATOL)
+    for fmt, (err, _) in errors.items():  # in the JUnit XML, for reports (pytest --junitxml)
+        record_property(f"max_abs_error_{fmt}", f"{err:.3g}")
     assert result.ok, [c for c in result.checks if not c.ok]
     assert change > 1e-4, "the adapter must change the output, or the fixture proves nothing"
     for fmt, (err, _) in errors.items():
