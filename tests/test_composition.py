@@ -82,3 +82,29 @@ def test_batch_split_must_cover_the_batch():
     inputs = {"input_ids": torch.ones(3, 7, dtype=torch.long), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
     with pytest.raises(UserError, match=r"\$\.active\.batch_sizes: the sizes sum to 2 but the batch size is 3"):
         build(str(REFERENCE / "models" / "bert"), spec, example_inputs=inputs)
+
+
+def test_broken_fusion_checkpoints_are_user_errors(tmp_path):
+    """A missing fusion directory, one without its config, or corrupt fusion weights: errors naming the path."""
+    import shutil
+
+    from fxadapt.compose.fusion_spec import read_weights
+
+    def spec(fusion_dir):
+        return parse_spec({"adapters": {"a": {"load": str(CASES / "bert__fuse" / "adapter_a")},
+                                        "b": {"load": str(CASES / "bert__fuse" / "adapter_b")}},
+                           "active": {"fuse": ["a", "b"]}, "fusions": [{"load": str(fusion_dir)}]})
+
+    with pytest.raises(UserError, match=r"\$\.fusions\[0\]\.load: checkpoint directory .* does not exist"):
+        spec(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no adapter_fusion_config.json; expected a directory written by "
+                                        "save_adapter_fusion"):
+        spec(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    shutil.copytree(CASES / "bert__fuse" / "fusion_a_b", broken)
+    for weights in broken.glob("*fusion*.*"):
+        if weights.suffix != ".json":
+            weights.write_bytes(b"not a weight file")
+    with pytest.raises(UserError, match="is corrupt or not a weight file"):
+        read_weights(broken, "$.fusions[0].load")

@@ -38,12 +38,14 @@ def read_config(directory: Path, path: str) -> dict[str, Any]:
     return dict(config)
 
 
-def read_checkpoint_json(directory: Path, path: str) -> dict[str, Any]:
-    file = directory / CONFIG_FILE
+def read_checkpoint_json(directory: Path, path: str, config_file: str = CONFIG_FILE,
+                         expected: str = "an AdapterHub adapter directory") -> dict[str, Any]:
+    """The JSON object in `directory/config_file`; a missing or corrupt file is a UserError naming `path`."""
+    file = directory / config_file
     if not directory.is_dir():
         raise UserError(f"{path}: checkpoint directory {directory} does not exist.")
     if not file.is_file():
-        raise UserError(f"{path}: {directory} has no {CONFIG_FILE}; expected an AdapterHub adapter directory.")
+        raise UserError(f"{path}: {directory} has no {config_file}; expected {expected}.")
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as exc:

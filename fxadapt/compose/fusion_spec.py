@@ -9,13 +9,13 @@ The fusion's name is the reference's: the adapter names joined by ",".
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoints import adapterhub
 from ..errors import UserError
 
 CONFIG_FILE = "adapter_fusion_config.json"
@@ -91,28 +91,8 @@ def _fusion(item: Any, adapters: dict, path: str, base_dir: Path) -> FusionDef:
 
 
 def _read_json(directory: Path, path: str) -> dict[str, Any]:
-    file = directory / CONFIG_FILE
-    if not file.is_file():
-        raise UserError(f"{path}: {directory} has no {CONFIG_FILE}; expected a directory written by "
-                        "save_adapter_fusion.")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: {file} is corrupt (line {exc.lineno}: {exc.msg}).") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: {file} must hold a JSON object.")
-    return data
+    return adapterhub.read_checkpoint_json(directory, path, CONFIG_FILE, "a directory written by save_adapter_fusion")
 
 
 def read_weights(directory: Path, path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    for name in WEIGHT_FILES:
-        file = directory / name
-        if file.is_file():
-            try:
-                return load_file(str(file)) if name.endswith(".safetensors") else torch.load(
-                    file, map_location="cpu", weights_only=True)
-            except Exception as exc:  # corrupt files raise many types
-                raise UserError(f"{path}: cannot read {file} ({type(exc).__name__}).") from None
-    raise UserError(f"{path}: {directory} has no fusion weights ({' or '.join(WEIGHT_FILES)}).")
+    return adapterhub.read_weights(directory, path, WEIGHT_FILES, "AdapterFusion directory ")
