@@ -99,13 +99,14 @@ def verification_shapes(captured: Captured) -> list[tuple[str, dict[str, torch.T
     seq = first.shape[1] if first.dim() > 1 and "pixel_values" not in example else None
     # Static dims (pinned by BatchSplit / Split, or captured from given example inputs) keep their size.
     dims = captured.dynamic_shapes.get(next(iter(example)), {0: None, 1: None})
-    batch = 3 if 0 in dims else first.shape[0]
+    batch = (3 if first.shape[0] != 3 else 4) if 0 in dims else first.shape[0]
     second = captured.inputs(batch, (5 if seq != 5 else 6) if 1 in dims or seq is None else seq, seed=7)
     if "task_ids" in example:  # MultiTask: route the rows to every child in turn
         second["task_ids"] = torch.arange(batch) % (int(example["task_ids"].max()) + 1)
     def describe(inputs):
         return "x".join(str(d) for d in next(iter(inputs.values())).shape[:2 if seq else 1])
-    return [(describe(example), example), (describe(second), second)]
+    name = describe(second)  # the checks are keyed by name: with every dim static, tell the two apart
+    return [(describe(example), example), (name if name != describe(example) else name + " (2)", second)]
 
 
 def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, example_inputs: dict | None = None,
