@@ -22,7 +22,7 @@ from fxadapt.composition import Block
 from fxadapt.errors import UserError
 from fxadapt.graph_edit import Emitter, add_module
 from fxadapt.graph_ops import aten
-from fxadapt.methods import bottleneck, lora
+from fxadapt.methods import bottleneck, lora, mtl_lora
 from fxadapt.methods.base import Placement, freeze
 from fxadapt.sites import SiteMap
 from fxadapt.spec import Spec
@@ -95,8 +95,8 @@ def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefi
             out = emit.call_module(path, (x, y) + ((task_ids,) if task_ids is not None else ()))
             emit.reroute(y, out)
             inserted += len(emit.created)
-        placements += [Placement(n, "lora", site.role, site.layer, f"{path}.adapters.{n}", f"{site.module}.loras", 0)
-                       for n in modules]
+        placements += [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",
+                                 f"{site.module}.loras", 0) for n in modules]
     for name in dict.fromkeys(spec.active):
         adapter = spec.adapters[name]
         if adapter.load is not None:
@@ -136,7 +136,8 @@ def _modules(adapter, sites: SiteMap, residual_mods: dict, linear_mods: dict, na
                 raise UserError(f"{adapter.path}: a fused q/k/v projection ({site.module}) cannot hold a composed "
                                 "LoRA (the reference's LoRAMergedLinear does not compose). Activate it alone.")
             index = sites.linears.index(site)
-            linear_mods.setdefault(index, {})[name] = (lora.LoRA(site.in_features, site.out_features, config), site)
+            cls = mtl_lora.MTLLoRA if adapter.method.NAME == mtl_lora.NAME else lora.LoRA
+            linear_mods.setdefault(index, {})[name] = (cls(site.in_features, site.out_features, config), site)
             count += 1
     return count
 

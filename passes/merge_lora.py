@@ -11,9 +11,9 @@ Each module computes its own (W', b') (`FamilyModule.fold`, with W as [out, in];
 Conv1D's `addmm` layout). A weight is merged only when every projection that reads it carries the
 same adapter(s) and, for anything but plain additions, exactly one; changing a shared weight or bias
 would alter the others. Gated modules are refused: their gate averages over the input sequence, which
-no weight can express; they stay in the graph and the reason is recorded in
-`gm.meta["fxadapt"]["not_merged"]`. New weights are new tensors, so the unmerged graph's weights stay
-intact; the projection node records the merge in `meta.MERGED`.
+no weight can express; so are modules with a `not_mergeable` reason (MTL-LoRA). They stay in the graph
+and the reason is recorded in `gm.meta["fxadapt"]["not_merged"]`. New weights are new tensors, so the
+unmerged graph's weights stay intact; the projection node records the merge in `meta.MERGED`.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def _applications(gm: fx.GraphModule, skipped: list[dict]) -> dict[str, list[App
         if module.gated:
             skipped.append({"module": node.target, "reason": "gated: the gate averages over the input sequence, "
                             "which a merged weight cannot express"})
+            continue
+        if getattr(module, "not_mergeable", None):
+            skipped.append({"module": node.target, "reason": module.not_mergeable})
             continue
         application = _application(gm, node, module)
         if application is not None:

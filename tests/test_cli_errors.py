@@ -38,7 +38,7 @@ def _assert_clean_failure(code, err, out, *phrases):
     ('{"adapters": {"a": "lora[r=0]"}}', ["$.adapters.a.r", "positive"]),
     ('{"adapters": {"a": {"config": "seq_bn", "reduction_factor": 0}}}', ["reduction_factor", "> 0"]),
     ('{"adapters": {"a": "lora"}, "active": "b"}', ["$.active", "unknown adapter 'b'"]),
-    ('{"adapters": {"a": "mtl_lora"}}', ["not implemented in fxadapt yet"]),
+    ('{"adapters": {"a": "mtl_lora[n_up_projection=0]"}}', ["$.adapters.a.n_up_projection", "at least one"]),
     ('{"adapters": {"a": "lora"}, "colour": 1}', ["unknown spec key(s) 'colour'"]),
 ])
 def test_bad_spec(capsys, tmp_path, write_spec, text, phrases):

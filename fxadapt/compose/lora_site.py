@@ -8,7 +8,8 @@ the state (layer_input x, hidden d or None, layer_output y, last):
     MultiTask: row r takes child task_ids[r]                    # selected per row (see docs/composition.md)
     end:       y' = y + d
 
-A gated LoRA scales by g = mean_seq(sigmoid(G x)) instead of s. A child without a LoRA here contributes
+A gated LoRA scales by g = mean_seq(sigmoid(G x)) instead of s. An MTL-LoRA child gives its own update,
+s · Σ_i c_i B_i M A d (methods/mtl_lora.py), in place of s · B A d. A child without a LoRA here contributes
 no update (d = 0 on its rows). Parallel is lowered before, as row blocks (bottleneck_site.py).
 """
 
@@ -22,6 +23,7 @@ from torch.nn import functional as F
 
 from ..composition import Block
 from ..methods.lora import LoRA
+from ..methods.mtl_lora import MTLLoRA
 
 
 class State(NamedTuple):
@@ -32,9 +34,11 @@ class State(NamedTuple):
     task_ids: torch.Tensor | None = None  # MultiTask's per-row child index
 
 
-def lora_delta(m: LoRA, hidden: torch.Tensor | None, layer_input: torch.Tensor) -> torch.Tensor:
+def lora_delta(m: LoRA | MTLLoRA, hidden: torch.Tensor | None, layer_input: torch.Tensor) -> torch.Tensor:
     """The reference LoRA.forward(hidden_states, layer_input): its update, scaled or gated."""
     inp = hidden if hidden is not None else layer_input
+    if isinstance(m, MTLLoRA):
+        return m.delta(inp, layer_input)
     out = F.linear(F.linear(m.lora_dropout(inp), m.lora_A), m.lora_B)
     if m.gated:
         return out * torch.mean(torch.sigmoid(m.gate(layer_input)), dim=1).unsqueeze(-1)
@@ -44,7 +48,7 @@ def lora_delta(m: LoRA, hidden: torch.Tensor | None, layer_input: torch.Tensor) 
 class LoRASite(nn.Module):
     """`forward(x, y[, task_ids])` -> y'; `adapters` holds the LoRA modules under their adapter names."""
 
-    def __init__(self, branches: list[Block | str], adapters: dict[str, LoRA]) -> None:
+    def __init__(self, branches: list[Block | str], adapters: dict[str, LoRA | MTLLoRA]) -> None:
         super().__init__()
         self.branches = branches
         self.adapters = nn.ModuleDict(adapters)

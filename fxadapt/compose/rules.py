@@ -3,6 +3,7 @@ and the spec-level checks of a composition: every Fuse has a fusion definition, 
 
     bottleneck: Stack, Fuse, Split, Parallel, BatchSplit, Average
     lora:       Stack, BatchSplit, Average, Parallel, MultiTask
+    mtl_lora:   the same (the reference's LoRALinear holds it)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..errors import UserError
 SUPPORTED: dict[str, tuple[str, ...]] = {
     "bottleneck": ("stack", "fuse", "split", "parallel", "batch_split", "average"),
     "lora": ("stack", "batch_split", "average", "parallel", "multi_task"),
+    "mtl_lora": ("stack", "batch_split", "average", "parallel", "multi_task"),
 }
 
 
