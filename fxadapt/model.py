@@ -42,6 +42,7 @@ from .lifecycle.fusion_io import FusionMixin, _fusion_names
 from .lifecycle.heads import ClassificationHead, loss_type_of, task_loss
 from .lifecycle.lowering import FUSIONS, REGISTRY, Lowered, instantiate, lower
 from .lifecycle.modes import attention_dropout_of, set_mode
+from .lifecycle.sharing import SharingMixin
 from .methods.base import MethodConfig, Placement
 from .spec import AdapterDef, Spec, resolve_adapter
 
@@ -60,7 +61,7 @@ def adapt(model: nn.Module | str, example_inputs: dict[str, torch.Tensor] | None
     return AdaptedModel(captured, eager, attention_dropout)
 
 
-class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, nn.Module):
+class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, SharingMixin, nn.Module):
     """A captured model with AdapterHub-style adapter management; `forward` runs the lowered graph."""
 
     supports_gradient_checkpointing = True
@@ -84,6 +85,7 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, nn.Module):
         self._fusions: dict = {}  # name -> compose.fusion_spec.FusionDef
         self._fusion_placements: dict[str, list[Placement]] = {}
         self._merged: list[str] = []
+        self._shared: dict[str, list[str]] = {}  # share_parameters groups: name -> adapter names
         self.active_head: str | None = None
         self._prefix = captured.info.get("base_model_prefix", "")
         self._hidden = getattr(self.config, "hidden_size", None)
@@ -229,6 +231,7 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, nn.Module):
         for fusion in fusions:
             self._drop_fusion(fusion)  # a fusion over a deleted adapter cannot run
         del self._adapters[adapter_name], self._placements[adapter_name]
+        self._shared = {k: [n for n in v if n != adapter_name] for k, v in self._shared.items() if v != [adapter_name]}
         registry = getattr(self, REGISTRY)
         if slug(adapter_name) in registry:
             del registry[slug(adapter_name)]

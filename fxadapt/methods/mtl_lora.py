@@ -12,7 +12,8 @@ gate g = mean_seq(sigmoid(G x)) replaces s. Placement is LoRA's (`selfattn_lora`
 Multi-task use (the reference's): one MTL-LoRA adapter per task, `model.share_parameters(MultiTask(...))`
 ties their A and B (M and w stay per task), and a `multi_task` block routes row r to task `task_ids[r]`.
 Each task's saved checkpoint holds its own copy of the shared A and B, so fxadapt loads every task as an
-independent adapter (equal A/B values give the reference's numbers; compose/lora_site.py). Not mergeable:
+independent adapter (equal A/B values give the reference's numbers; compose/lora_site.py);
+AdaptedModel.share_parameters ties them again for training (lifecycle/sharing.py). Not mergeable:
 the reference's merge_adapter adds a [n, out, in] `lora_B @ lora_A` to W (ignoring M and w), and under
 multi_task the update depends on each row's task (docs/reference-deviations.md).
 """
