@@ -206,12 +206,13 @@ def _check(result: Result, artifact: str, run: Callable[[dict], list], shapes, r
 def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, references, tolerance, progress) -> None:
     from .capture import export_program
     from .export.onnx import export_onnx, run_onnx
+    from .export.prepare import for_export
 
     captured = result.captured
     stage = _Timer(result.timings, progress)
     _check(result, "graph", lambda inputs: flatten_outputs(result.graph(**inputs)), shapes, references, tolerance)
     with stage("reexport", "re-exporting the rewritten graph"):
-        ep = export_program(result.graph, captured.example_inputs, captured.dynamic_shapes)
+        ep = export_program(for_export(result.graph)[0], captured.example_inputs, captured.dynamic_shapes)
     if "onnx" in formats:
         path = staging / "model.onnx"
         with stage("onnx", "exporting to ONNX"), _quiet_onnx():

@@ -1,6 +1,7 @@
 """Any model: LoRA and seq_bn compile, export to ONNX and verify on tiny random models of 13 families.
 
-LoRA uses `init_weights="bert"` so B is non-zero and the adapter really changes the output."""
+LoRA uses `init_weights="bert"` so B is non-zero and the adapter really changes the output. Every model
+exports without the ONNX decomposition fallback (fxadapt/export/onnx.py; T5 needs export/prepare.py)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,5 @@ def test_compiles_exports_and_verifies(model, method, tmp_path):
     assert {c.artifact for c in result.checks} == {"graph", "onnx"}
     assert result.pass_counts["insert_adapters"] > 0
     assert (tmp_path / "out" / "model.onnx").is_file()
+    # Straight from the graph, without the decomposition fallback (T5 needed it before export/prepare.py).
+    assert result.artifacts["onnx"]["decomposed"] is False

@@ -18,9 +18,10 @@ import torch
 def export_onnx(ep: torch.export.ExportedProgram, path: Path, output_names: list[str]) -> dict[str, object]:
     """Write `ep` as ONNX to `path`; returns {"nodes": count, "decomposed": bool}.
 
-    Some graphs (T5's attention) fail inside the exporter's own decomposition step with a view of
-    non-contiguous symbolic strides; torch.export's default decompositions, run first, avoid it. That
-    route is the fallback only, since it lowers ops like layer_norm that ONNX has natively.
+    A graph that fails inside the exporter's own decomposition step (before export/prepare.py, T5's
+    attention did: a view of non-contiguous symbolic strides) is retried after torch.export's default
+    decompositions. That route is the fallback only: it takes ~3x longer and lowers ops like layer_norm
+    that ONNX has natively.
     """
     import onnx
 
