@@ -14,6 +14,7 @@ elsewhere.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import fx
@@ -24,7 +25,9 @@ aten = torch.ops.aten
 def for_export(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (same parameters and buffers, copied graph) in the spellings above; the rewritten
     graph the user sees is left as it is. Returns (graph, rewrites)."""
-    graph = copy.deepcopy(gm.graph)
+    with warnings.catch_warnings():  # torch's own pytree specs warn about their deprecated LeafSpec on copy
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
     count = 0
     for node in graph.nodes:
         if node.op == "call_function" and node.target == aten.contiguous.default:
