@@ -14,9 +14,9 @@ from __future__ import annotations
 from torch import fx
 
 from fxadapt import checkpoints
+from fxadapt.compose import fusion_spec
 from fxadapt.compose.bottleneck_site import BottleneckSite
 from fxadapt.compose.fusion import Fusion
-from fxadapt.compose.fusion_spec import read_weights
 from fxadapt.compose.lora_site import LoRASite
 from fxadapt.composition import Block
 from fxadapt.errors import UserError
@@ -104,8 +104,9 @@ def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefi
                                   f"{adapter.path}.load", base_prefix, hidden_size)
     for fusion in spec.fusions:
         if fusion.load is not None:
-            _load_fusion(gm, [p for p in placements if p.method == "fusion" and p.adapter == fusion.name], fusion,
-                         base_prefix)
+            fusion_spec.load_weights([(p.reference_module, gm.get_submodule(p.module_path)) for p in placements
+                                      if p.method == "fusion" and p.adapter == fusion.name], fusion.load, fusion.name,
+                                     base_prefix, f"{fusion.path}.load")
     gm.meta.setdefault("fxadapt", {})["placements"] = placements
     return PassResult(gm, inserted)
 
@@ -171,22 +172,3 @@ def _task_ids(gm: fx.GraphModule) -> fx.Node:
         raise UserError("$.active: a multi_task block needs a per-row \"task_ids\" model input; compile with "
                         "task_ids among the inputs.")
     return node
-
-
-def _load_fusion(gm: fx.GraphModule, placements: list[Placement], fusion, base_prefix: str) -> None:
-    from fxadapt.checkpoints.adapterhub import _strip
-
-    weights = {_strip(k, base_prefix): v for k, v in read_weights(fusion.load, f"{fusion.path}.load").items()}
-    used = set()
-    for placement in placements:
-        prefix = _strip(placement.reference_module, base_prefix) + f".{fusion.name}."
-        for key, tensor in gm.get_submodule(placement.module_path).state_dict().items():
-            if prefix + key not in weights:
-                raise UserError(f"{fusion.path}.load: {fusion.load} lacks {prefix + key!r}; it was saved for "
-                                "another model or fusion config.")
-            tensor.copy_(weights[prefix + key])
-            used.add(prefix + key)
-    unused = sorted(set(weights) - used)
-    if unused:
-        raise UserError(f"{fusion.path}.load: {fusion.load} has tensors this model has no place for, e.g. "
-                        f"{unused[0]!r}.")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..checkpoints import adapterhub
 from ..errors import UserError
@@ -96,3 +97,28 @@ def _read_json(directory: Path, path: str) -> dict[str, Any]:
 
 def read_weights(directory: Path, path: str) -> dict[str, torch.Tensor]:
     return adapterhub.read_weights(directory, path, WEIGHT_FILES, "AdapterFusion directory ")
+
+
+@torch.no_grad()
+def load_weights(sites: list[tuple[str, nn.Module]], directory: Path, saved_name: str, base_prefix: str,
+                 path: str) -> None:
+    """Copy a saved fusion into its modules, one per site given as (reference module path, module): keys
+    `<reference module>.<saved_name>.<param>` (the base model prefix optional, as AdapterHub saves them).
+    A missing, misshapen or unplaced fusion tensor is a UserError naming the key."""
+    weights = {adapterhub._strip(k, base_prefix): v for k, v in read_weights(directory, path).items()}
+    used: set[str] = set()
+    for reference_module, module in sites:
+        prefix = adapterhub._strip(reference_module, base_prefix) + f".{saved_name}."
+        for key, tensor in module.state_dict().items():
+            value = weights.get(prefix + key)
+            if value is None:
+                raise UserError(f"{path}: {directory} lacks {prefix + key!r}; it was saved for another model or "
+                                "fusion config.")
+            if value.shape != tensor.shape:
+                raise UserError(f"{path}: {prefix + key!r} has shape {tuple(value.shape)} in {directory}, this "
+                                f"model needs {tuple(tensor.shape)}.")
+            tensor.copy_(value)
+            used.add(prefix + key)
+    unused = sorted(k for k in set(weights) - used if ".adapter_fusion_layer." in k)
+    if unused:
+        raise UserError(f"{path}: {directory} has tensors this model has no place for, e.g. {unused[0]!r}.")

@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import save_file
 
 from ..blocks import Fuse
-from ..checkpoints.adapterhub import _strip
 from ..compose import fusion_spec
 from ..errors import UserError
 from ..graph_edit import slug
@@ -170,26 +169,12 @@ class FusionMixin:
         if missing:
             raise UserError(f"{path}: the fusion attends over adapter {missing[0]!r}, which this model does not have; "
                             "load its adapters (load_adapter) first.")
-        weights = {_strip(k, self._prefix): v for k, v in fusion_spec.read_weights(directory, path).items()}
+        fusion_spec.read_weights(directory, path)  # a missing or corrupt file fails before anything is added
         name = load_as or saved
         self.add_adapter_fusion(list(names), config, name=name, overwrite_ok=True)
         try:
-            used: set[str] = set()
-            with torch.no_grad():
-                for placement in self._fusion_placements[name]:
-                    prefix = _strip(placement.reference_module, self._prefix) + f".{saved}."
-                    for key, tensor in self.get_submodule(placement.module_path).state_dict().items():
-                        if prefix + key not in weights:
-                            raise UserError(f"{path}: {directory} lacks {prefix + key!r}; it was saved for another "
-                                            "model or fusion config.")
-                        if weights[prefix + key].shape != tensor.shape:
-                            raise UserError(f"{path}: {prefix + key!r} has shape {tuple(weights[prefix + key].shape)}"
-                                            f" in {directory}, this model needs {tuple(tensor.shape)}.")
-                        tensor.copy_(weights[prefix + key])
-                        used.add(prefix + key)
-            unused = sorted(k for k in set(weights) - used if ".adapter_fusion_layer." in k)
-            if unused:
-                raise UserError(f"{path}: {directory} has tensors this model has no place for, e.g. {unused[0]!r}.")
+            fusion_spec.load_weights([(p.reference_module, self.get_submodule(p.module_path))
+                                      for p in self._fusion_placements[name]], directory, saved, self._prefix, path)
             head = saving.read_head(directory, self._hidden, 0.0, path) if with_head else None
         except BaseException:
             self.delete_adapter_fusion(name)
