@@ -102,3 +102,32 @@ def task_loss(loss_type: str | None, outputs: Any, labels: torch.Tensor, config:
         return ForCausalLMLoss(logits, labels, vocab, num_items_in_batch=num_items_in_batch)
     raise UserError(f"forward(labels=...): computing the {loss_type} loss is not supported by fxadapt; compute it "
                     "from the returned logits.")
+
+
+class HeadsMixin:
+    """Flex heads of AdaptedModel (fxadapt/model.py), which provides the attributes used here."""
+
+    def add_classification_head(self, head_name: str, num_labels: int = 2, layers: int = 2,
+                                activation_function: str | None = "tanh", overwrite_ok: bool = False,
+                                dropout_prob: float | None = None, set_active: bool = True) -> None:
+        """A flex classification head on the first token (lifecycle/heads.py); active unless set_active=False."""
+        path = f"add_classification_head({head_name!r})"
+        if "last_hidden_state" not in self.captured.output_names:
+            raise UserError(f"{path}: the captured model has no last_hidden_state output (it returns "
+                            f"{', '.join(self.captured.output_names)}); capture a bare encoder such as AutoModel.")
+        if head_name in self.heads and not overwrite_ok:
+            raise UserError(f"{path}: a head named {head_name!r} already exists; pass overwrite_ok=True.")
+        if dropout_prob is None:
+            dropout_prob = next((v for v in (getattr(self.config, "classifier_dropout", None),
+                                             getattr(self.config, "hidden_dropout_prob", None)) if v is not None), 0.0)
+        head = ClassificationHead(self._hidden, num_labels, layers, activation_function, dropout_prob,
+                                  getattr(self.config, "initializer_range", 0.02))
+        device = next(self.base.parameters()).device
+        self.heads[head_name] = head.to(device).train(self.training)
+        if set_active:
+            self.active_head = head_name
+
+    def delete_head(self, head_name: str) -> None:
+        self.heads.pop(head_name)
+        if self.active_head == head_name:
+            self.active_head = None
