@@ -180,3 +180,24 @@ def parallel_channels(block: Block | str | None) -> int:
     if block.kind == "parallel":
         return len(block.children)
     return max((parallel_channels(c) for c in block.children), default=1)
+
+
+def setup_dynamic_shapes(dynamic_shapes: dict[str, dict[int, Any]], block: Block | str | None
+                         ) -> dict[str, dict[int, Any]]:
+    """The export's dynamic dims for a setup (a copy): the dims Split / BatchSplit pin are made static, and a
+    Parallel's batch is bounded so that its N copies stay in range (torch.export also guards batch >= 2 there)."""
+    from torch.export import Dim
+
+    pins, channels = pinned_dims(block), parallel_channels(block)
+    shapes = {name: dict(dims) for name, dims in dynamic_shapes.items()}
+    if channels > 1 and "batch" not in pins:
+        batch = Dim("batch", min=2, max=4096 // channels)
+        for dims in shapes.values():
+            if 0 in dims:
+                dims[0] = batch
+    for dims in shapes.values():
+        for axis, key in ((0, "batch"), (1, "seq")):
+            if key in pins:
+                dims.pop(axis, None)
+    return shapes
+

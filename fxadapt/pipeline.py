@@ -114,7 +114,7 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
     """Capture and rewrite (no export): the GraphModule with adapters, and the reference outputs."""
     timings: dict[str, float] = {}
     stage = _Timer(timings, progress)
-    from .composition import multi_task_children, parallel_channels, pinned_dims
+    from .composition import multi_task_children, pinned_dims, setup_dynamic_shapes
 
     pins = pinned_dims(spec.setup)
     tasks = multi_task_children(spec.setup)
@@ -140,18 +140,10 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
                                                      hidden_size=hidden))]
     with stage("rewrite", "inserting adapters"):
         gm, counts = run_passes(gm, rewrite)
-    channels = parallel_channels(spec.setup)
-    if channels > 1 and "batch" not in pins:  # N copies of the batch must stay in range; torch.export also
-        batch_dim = torch.export.Dim("batch", min=2, max=4096 // channels)  # guards batch >= 2 there
-        for dims in captured.dynamic_shapes.values():
-            if 0 in dims:
-                dims[0] = batch_dim
-    if pins:  # re-export with the pinned dims static
+    # Re-export with the dims the setup pins static and a Parallel's batch bounded.
+    captured.dynamic_shapes = setup_dynamic_shapes(captured.dynamic_shapes, spec.setup)
+    if pins:
         captured.info["pinned"] = pins
-        for dims in captured.dynamic_shapes.values():
-            for axis, key in ((0, "batch"), (1, "seq")):
-                if key in pins and axis in dims:
-                    del dims[axis]
     if snapshot:
         snapshots.append(snapshot(gm, "rewritten"))
     result = Result(captured, sites, gm, counts, timings=timings, snapshots=snapshots)

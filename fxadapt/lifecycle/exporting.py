@@ -79,26 +79,17 @@ def _for_setup(info: dict, setup) -> dict:
     """The capture's fields with the example inputs and dynamic dims a composition setup needs (see above)."""
     if setup is None:
         return info
-    from ..composition import multi_task_children, parallel_channels, pinned_dims
+    from ..composition import multi_task_children, pinned_dims, setup_dynamic_shapes
 
     info = dict(info)
-    shapes = {name: dict(dims) for name, dims in info["dynamic_shapes"].items()}
+    shapes = setup_dynamic_shapes(info["dynamic_shapes"], setup)
     example = dict(info["example_inputs"])
     first = next(iter(example.values()))
-    pins, channels, tasks = pinned_dims(setup), parallel_channels(setup), multi_task_children(setup)
+    pins, tasks = pinned_dims(setup), multi_task_children(setup)
     if pins:
         seq = first.shape[1] if first.dim() > 1 else 1
         example = LifecycleCaptured(**info).inputs(pins.get("batch", first.shape[0]), pins.get("seq", seq), seed=1)
-        for dims in shapes.values():
-            for axis, key in ((0, "batch"), (1, "seq")):
-                if key in pins:
-                    dims.pop(axis, None)
         info["info"] = {**info["info"], "pinned": pins}
-    if channels > 1 and "batch" not in pins:
-        batch = torch.export.Dim("batch", min=2, max=4096 // channels)
-        for dims in shapes.values():
-            if 0 in dims:
-                dims[0] = batch
     if tasks:
         rows = next(iter(example.values())).shape[0]
         example["task_ids"] = torch.arange(rows) % tasks
