@@ -122,6 +122,16 @@ def composition_spec(defs: dict[str, AdapterDef], setup: Block, fusions: list[Fu
     return spec
 
 
+def _run_insertion(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix: str, hidden: int | None,
+                   fork_rng: bool) -> tuple[fx.GraphModule, dict[str, int]]:
+    """The insert_adapters pass (lower_composition for a setup); with `fork_rng` the fresh modules' initialisation
+    does not advance the user's RNG (only adopted modules are initialised from it, as in the reference)."""
+    rewrite = [("insert_adapters", functools.partial(insert_adapters, spec=spec, sites=sites, base_prefix=base_prefix,
+                                                     hidden_size=hidden))]
+    with torch.random.fork_rng(devices=[]) if fork_rng else contextlib.nullcontext():
+        return run_passes(gm, rewrite)
+
+
 def _insert(gm: fx.GraphModule, defs: dict[str, AdapterDef], names: list[str], holder: nn.Module,
             base_prefix: str, hidden: int | None, adopt: bool, setup: Block | None = None,
             fusions: list[FusionDef] | None = None) -> tuple[fx.GraphModule, SiteMap, list[Placement],
@@ -132,11 +142,7 @@ def _insert(gm: fx.GraphModule, defs: dict[str, AdapterDef], names: list[str], h
     else:
         # Weights come from the registry, never from a checkpoint directory (load_adapter fills the registry).
         spec = Spec({n: dataclasses.replace(defs[n], load=None) for n in names}, list(names), {"merge_lora": False})
-    rewrite = [("insert_adapters", functools.partial(insert_adapters, spec=spec, sites=sites, base_prefix=base_prefix,
-                                                     hidden_size=hidden))]
-    rng = contextlib.nullcontext() if adopt else torch.random.fork_rng(devices=[])
-    with rng:
-        gm, counts = run_passes(gm, rewrite)
+    gm, counts = _run_insertion(gm, spec, sites, base_prefix, hidden, fork_rng=not adopt)
     placements = list(gm.meta.get("fxadapt", {}).get("placements", []))
     if setup is not None:
         _bind_composed(gm, placements, holder)
@@ -218,11 +224,8 @@ def instantiate_fusion(base: fx.GraphModule, defs: dict[str, AdapterDef], fusion
     setup = Block("fuse", list(fusion.adapters), f"add_adapter_fusion({fusion.name!r})", name=fusion.name)
     gm = fresh_copy(base)
     sites = find_sites(gm)
-    spec = composition_spec(defs, setup, [fusion])
-    rewrite = [("insert_adapters", functools.partial(insert_adapters, spec=spec, sites=sites, base_prefix=base_prefix,
-                                                     hidden_size=hidden))]
-    with torch.random.fork_rng(devices=[]):  # the scratch graph's fresh modules must not use the user's RNG
-        gm, _ = run_passes(gm, rewrite)
+    # The scratch graph's fresh modules must not use the user's RNG; the adopted Fusion below does.
+    gm, _ = _run_insertion(gm, composition_spec(defs, setup, [fusion]), sites, base_prefix, hidden, fork_rng=True)
     found = [p for p in gm.meta["fxadapt"]["placements"] if p.method == "fusion"]
     device = next((p.device for p in base.parameters()), None)
     placements = []
