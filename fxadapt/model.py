@@ -45,6 +45,7 @@ from .lifecycle.modes import attention_dropout_of, set_mode
 from .lifecycle.sharing import SharingMixin
 from .lifecycle.training import TrainingMixin
 from .methods.base import MethodConfig, Placement
+from .names import check_name
 from .spec import AdapterDef, Spec, resolve_adapter
 
 _OPTIONAL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values",
@@ -165,8 +166,7 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, SharingMixin, Tr
                         f"got {type(config).__name__}.")
 
     def _check_new(self, name: str, overwrite_ok: bool, path: str) -> None:
-        if not isinstance(name, str) or not name:
-            raise UserError(f"{path}: an adapter name must be a non-empty string, got {name!r}.")
+        check_name(name, path)
         if name in self._adapters:
             if not overwrite_ok:
                 raise UserError(f"{path}: an adapter named {name!r} already exists; delete_adapter({name!r}) first or "

@@ -9,9 +9,6 @@ loads into the bare encoder and vice versa. `.bin` files are read with `torch.lo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +17,11 @@ from safetensors.torch import load_file, save_file
 from torch import fx
 
 from ..errors import UserError
+from .writer import write_into
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
+KNOWN_FILES = (CONFIG_FILE, *WEIGHT_FILES)
 
 
 def read_config(directory: Path, path: str) -> dict[str, Any]:
@@ -119,35 +118,31 @@ def load_into(gm: fx.GraphModule, placements: list, directory: Path, path: str, 
 
 def save(gm: fx.GraphModule, placements: list, directory: Path, name: str, config: dict[str, Any],
          extra: dict[str, Any]) -> None:
-    """Write an AdapterHub checkpoint atomically: a temp directory renamed over the target."""
+    """Write an AdapterHub checkpoint into `directory` (see `write_checkpoint`); each file replaces its
+    namesake atomically, other files in `directory` stay."""
+    with write_into(directory, f"save({str(directory)!r})", KNOWN_FILES, CONFIG_FILE) as out:
+        write_checkpoint(out, adapter_tensors(gm, placements, name), {"config": config, "name": name, **extra})
+
+
+def adapter_tensors(gm: fx.GraphModule, placements: list, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under the reference's keys, `<reference module>.<name>.<parameter>`."""
     tensors = {}
     for placement in placements:
         module = gm.get_submodule(placement.module_path)
         for key, tensor in module.state_dict().items():
             tensors[f"{placement.reference_module}.{name}.{key}"] = tensor.detach().contiguous().clone()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHT_FILES[0]))
-        (tmp / CONFIG_FILE).write_text(json.dumps({"config": config, "name": name, **extra}, indent=2))
-        replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves the previous files as they were
-        raise
+    return tensors
 
 
-def replace_dir(staged: Path, directory: Path) -> None:
-    """Move a finished directory to `directory`; an existing one is removed only once the new one is in place,
-    and put back if that move fails."""
-    if not directory.exists():
-        os.replace(staged, directory)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-    os.rmdir(old)
-    os.replace(directory, old)
-    try:
-        os.replace(staged, directory)
-    except BaseException:
-        os.replace(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> None:
+    """`adapter.safetensors`, `pytorch_adapter.bin` (what the reference's default `load_adapter(DIR)` reads)
+    and `adapter_config.json` in `directory`."""
+    write_weights(tensors, directory, WEIGHT_FILES)
+    (directory / CONFIG_FILE).write_text(json.dumps(data, indent=2))
+
+
+def write_weights(tensors: dict[str, torch.Tensor], directory: Path, files: tuple[str, str]) -> None:
+    """The same tensors as safetensors (`files[0]`) and as a plain `torch.save` dict (`files[1]`), which both
+    fxadapt and the reference read with weights_only loading."""
+    save_file(tensors, str(directory / files[0]))
+    torch.save(tensors, directory / files[1])

@@ -13,6 +13,7 @@ from typing import Any
 from .. import checkpoints
 from ..checkpoints import adapterhub
 from ..errors import UserError
+from ..names import check_name
 from ..spec import resolve_adapter
 from . import saving
 
@@ -33,7 +34,10 @@ class AdapterIOMixin:
                                    peft_layout)
 
     def save_all_adapters(self, save_directory: str | Path, with_head: bool = True) -> None:
+        """Save every adapter to `save_directory/<name>` (names are checked when they enter, so each stays
+        inside `save_directory`)."""
         for name in self._adapters:
+            check_name(name, f"save_all_adapters: adapter {name!r}")
             self.save_adapter(Path(save_directory) / name, name, with_head)
 
     def load_adapter(self, adapter_name_or_path: str | Path, load_as: str | None = None, set_active: bool = False,
@@ -43,6 +47,8 @@ class AdapterIOMixin:
         path = f"load_adapter({str(directory)!r})"
         adapter = resolve_adapter(load_as or "loaded", {"load": str(directory)}, path)
         saved = saving.saved_name(directory)
+        if load_as is None and saved is not None:  # a name from an untrusted file: check it like a user's
+            check_name(saved, f"{path}: {directory / adapterhub.CONFIG_FILE} \"name\"")
         adapter.name = load_as or saved or directory.name
         self._check_new(adapter.name, False, path)
         gm, placements = self._add(adapter)

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..blocks import Fuse
+from ..checkpoints import adapterhub
+from ..checkpoints.writer import write_into
 from ..compose import fusion_spec
 from ..errors import UserError
 from ..graph_edit import slug
@@ -140,11 +141,12 @@ class FusionMixin:
                 tensors[f"{placement.reference_module}.{name}.{key}"] = tensor.detach().contiguous().clone()
         facts = self._facts()
         data = {"adapter_names": list(fusion.adapters), "config": dict(fusion.config), **facts, "name": name}
-        with saving.atomic_directory(Path(save_directory), path) as out:
-            save_file(tensors, str(out / fusion_spec.WEIGHT_FILES[0]))
+        known = (fusion_spec.CONFIG_FILE, *fusion_spec.WEIGHT_FILES, saving.HEAD_CONFIG, *saving.HEAD_WEIGHT_FILES)
+        with write_into(Path(save_directory), path, known, fusion_spec.CONFIG_FILE) as out:
+            adapterhub.write_weights(tensors, out, fusion_spec.WEIGHT_FILES)
             (out / fusion_spec.CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
             if with_head:
-                saving._save_head(out, head_name, self.heads[head_name], facts)
+                saving.save_head(out, head_name, self.heads[head_name], facts)
 
     def load_adapter_fusion(self, adapter_fusion_name_or_path: str | Path, load_as: str | None = None,
                             set_active: bool = False, with_head: bool = True) -> str:

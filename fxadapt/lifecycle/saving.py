@@ -1,30 +1,27 @@
-"""save_adapter / load_adapter directories, written atomically.
+"""save_adapter / load_adapter directories, in the layouts both fxadapt and the reference read by default.
 
-    DIR/adapter_config.json + adapter.safetensors     AdapterHub layout (checkpoints/adapterhub.py); keys
-                                                      `<reference module>.<name>.<param>`
-    DIR/head_config.json + model_head.safetensors     the adapter's flex head, if it has one (`heads.<name>.*`)
+    DIR/adapter_config.json + adapter.safetensors + pytorch_adapter.bin    AdapterHub layout
+                                     (checkpoints/adapterhub.py); keys `<reference module>.<name>.<param>`
+    DIR/head_config.json + model_head.safetensors + pytorch_model_head.bin   the adapter's flex head, if any
     DIR/peft/adapter_config.json + adapter_model.safetensors   plain LoRA adapters also in PEFT's layout
 
-Everything is written into a temporary directory beside DIR and moved over DIR at the end, so a
-failed save leaves the previous files as they were. `adapters` 1.3.0 reads the directory with
-`load_adapter(DIR, use_safetensors=True)`; PEFT with `PeftModel.from_pretrained(model, DIR/peft)`.
+Files are written into DIR one by one, each atomically (checkpoints/writer.py): other files in DIR are left
+alone, and a failed save leaves DIR as it was. `adapters` 1.3.0 reads the directory with its plain
+`load_adapter(DIR)` (the `.bin`) or with `use_safetensors=True`; PEFT with `PeftModel.from_pretrained(model,
+DIR/peft)`.
 """
-
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__
 from ..checkpoints import adapterhub
+from ..checkpoints.writer import write_into
 from ..errors import UserError
 from ..methods.base import Placement
 from ..sites import SiteMap
@@ -33,8 +30,12 @@ from . import peft_layout
 from .heads import ClassificationHead
 
 HEAD_CONFIG = "head_config.json"
-HEAD_WEIGHTS = "model_head.safetensors"
+HEAD_WEIGHT_FILES = ("model_head.safetensors", "pytorch_model_head.bin")
+HEAD_WEIGHTS = HEAD_WEIGHT_FILES[0]
 PEFT_DIR = "peft"
+# Every file an adapter save may write: a later save removes the ones it does not write again.
+KNOWN_FILES = (*adapterhub.KNOWN_FILES, HEAD_CONFIG, *HEAD_WEIGHT_FILES,
+               f"{PEFT_DIR}/{peft_layout.CONFIG_FILE}", f"{PEFT_DIR}/{peft_layout.WEIGHTS_FILE}")
 
 
 def model_facts(config: Any, model_class: str, source: str) -> dict[str, Any]:
@@ -55,12 +56,14 @@ def reference_config(config: dict[str, Any]) -> dict[str, Any]:
 def save_adapter(directory: Path, holder: nn.Module, adapter: AdapterDef, placements: list[Placement],
                  facts: dict[str, Any], sites: SiteMap, head: ClassificationHead | None = None,
                  peft: bool = True) -> list[str]:
-    """Write one adapter (and its head) to `directory`; returns the layouts written."""
+    """Write one adapter (and its head) into `directory`; returns the layouts written."""
     layouts = ["adapterhub"]
-    with atomic_directory(Path(directory), "save_adapter") as out:
-        adapterhub.save(holder, placements, out, adapter.name, reference_config(adapter.config.to_dict()), facts)
+    with write_into(Path(directory), "save_adapter", KNOWN_FILES, adapterhub.CONFIG_FILE) as out:
+        config = reference_config(adapter.config.to_dict())
+        adapterhub.write_checkpoint(out, adapterhub.adapter_tensors(holder, placements, adapter.name),
+                                    {"config": config, "name": adapter.name, **facts})
         if head is not None:
-            _save_head(out, adapter.name, head, facts)
+            save_head(out, adapter.name, head, facts)
             layouts.append("head")
         if peft and placements and all(p.method == "lora" for p in placements) and not getattr(
                 adapter.config, "use_gating", False):
@@ -71,32 +74,10 @@ def save_adapter(directory: Path, holder: nn.Module, adapter: AdapterDef, placem
     return layouts
 
 
-@contextlib.contextmanager
-def atomic_directory(directory: Path, path: str) -> Iterator[Path]:
-    """Yield an empty staging directory beside `directory` that replaces it when the block ends without an
-    error; on any error `directory` keeps its previous files. `path` names the call in error messages."""
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"{path}: {directory} exists and is not a directory; choose another path.")
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{directory.name}.fxadapt-", dir=directory.parent))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write into {directory.parent} ({exc.strerror}).") from None
-    try:
-        out = stage / "out"
-        out.mkdir()
-        yield out
-        adapterhub.replace_dir(out, directory)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write {directory} ({exc.strerror or exc}); its previous files are "
-                        "unchanged.") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _save_head(directory: Path, name: str, head: ClassificationHead, facts: dict[str, Any]) -> None:
+def save_head(directory: Path, name: str, head: ClassificationHead, facts: dict[str, Any]) -> None:
+    """`head_config.json` and the head's weights, as safetensors and as the reference's default `.bin`."""
     tensors = {f"heads.{name}.{k}": v.detach().contiguous().clone() for k, v in head.state_dict().items()}
-    save_file(tensors, str(directory / HEAD_WEIGHTS))
+    adapterhub.write_weights(tensors, directory, HEAD_WEIGHT_FILES)
     model_class = (facts.get("model_class") or "").removesuffix("Model") + "AdapterModel"
     data = {"config": head.config, **facts, "model_class": model_class, "name": name}
     (directory / HEAD_CONFIG).write_text(json.dumps(data, indent=2) + "\n")
