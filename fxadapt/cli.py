@@ -48,7 +48,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     formats = _formats(args.format)
     _say(f"fxadapt compile {args.model} --spec {args.spec} -> {args.output}")
     result = compile_model(args.model, spec, Path(args.output), formats, args.task, args.atol, _progress(start),
-                           rtol=args.rtol)
+                           rtol=args.rtol, debug=True if args.debug else None)
     report = report_json(result, spec, (args.atol, args.rtol))
     print()
     for check in result.checks:
@@ -138,6 +138,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance per element (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-4,
                    help="relative tolerance: ok where max|a - r| <= atol + rtol * max|r| (default 1e-4)")
+    p.add_argument("--debug", action="store_true",
+                   help="check the graph after every pass and name the first optimization pass that changes the "
+                        "outputs beyond atol/rtol (also FXADAPT_DEBUG=1)")
     p.set_defaults(run=cmd_compile)
 
     p = sub.add_parser("sites", help="print the adapter sites found in a model, per layer")

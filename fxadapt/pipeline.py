@@ -1,22 +1,22 @@
-"""The compile pipeline: capture -> sites -> rewrite -> optimize -> verify -> export, as one ordered list.
+"""The compile pipeline: capture -> sites -> rewrite -> optimize -> verify -> export.
 
     capture          torch.export (non-strict), dynamic batch/sequence
     find_sites       tag attn.q/k/v/o, ffn.up/gate/down, residual sites
-    insert_adapters  rewrite: every active adapter's subgraph at its sites (+ checkpoint weights)
+    rewrite          pass_list.REWRITE: insert_adapters or lower_composition (+ checkpoint weights)
     -- the eager reference outputs are taken here, before any optimization --
-    merge_lora       fold LoRA into weights (spec "optimize.merge_lora"); must precede DCE, which
-                     then drops the weights' dead adapter modules
-    eliminate_dead_code
+    optimize         pass_list.OPTIMIZE: merge_lora, eliminate_dead_code
     export           re-export the rewritten graph, then ONNX / TorchScript / .pt2, each verified
                      against the reference on the example shape and on a second shape
 
+The pass order and the reasons for it are in fxadapt/pass_list.py (the one list, shared with the Python
+API). Debug mode (`debug=True`, `--debug`, FXADAPT_DEBUG=1) checks after every pass: the graph runs after
+each rewrite pass, the outputs stay within tolerance after each optimize pass (fxadapt/pass_checks.py).
 `compile_model` writes into a temporary directory beside OUT and renames it at the end, so a user
 error leaves nothing behind; a verification failure keeps the artifacts (exit 3 from the CLI).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import shutil
@@ -30,14 +30,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import __version__
+from . import __version__, pass_checks, pass_list
 from .capture import Captured, capture, flatten_outputs
 from .errors import UserError
 from .export.verify import OutputError, compare
-from .passes.cleanup import eliminate_dead_code
-from .passes.insert_adapters import insert_adapters
-from .passes.manager import PassResult, run_passes
-from .passes.merge_lora import merge_lora
 from .sites import SiteMap, find_sites
 from .spec import Spec
 
@@ -110,8 +106,9 @@ def verification_shapes(captured: Captured) -> list[tuple[str, dict[str, torch.T
 
 
 def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, example_inputs: dict | None = None,
-          progress: Progress = lambda _: None, snapshot: Callable | None = None) -> Result:
-    """Capture and rewrite (no export): the GraphModule with adapters, and the reference outputs."""
+          progress: Progress = lambda _: None, snapshot: Callable | None = None, debug: bool | None = None) -> Result:
+    """Capture and rewrite (no export): the GraphModule with adapters, and the reference outputs. In debug mode
+    the graph is run on the example inputs after every rewrite pass."""
     timings: dict[str, float] = {}
     stage = _Timer(timings, progress)
     from .composition import multi_task_children, pinned_dims, setup_dynamic_shapes
@@ -136,10 +133,10 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
     snapshots = [snapshot(gm, "captured")] if snapshot else []
     hidden = getattr(captured.config, "hidden_size", None) if captured.config is not None else None
     prefix = captured.info.get("base_model_prefix", "")
-    rewrite = [("insert_adapters", functools.partial(insert_adapters, spec=spec, sites=sites, base_prefix=prefix,
-                                                     hidden_size=hidden))]
+    context = pass_list.Context(spec, sites, prefix, hidden)
+    check = pass_checks.graph_runs(captured.example_inputs) if pass_list.debug_enabled(debug) else None
     with stage("rewrite", "inserting adapters"):
-        gm, counts = run_passes(gm, rewrite)
+        gm, counts = pass_list.rewrite(gm, context, check)
     # Re-export with the dims the setup pins static and a Parallel's batch bounded.
     captured.dynamic_shapes = setup_dynamic_shapes(captured.dynamic_shapes, spec.setup)
     if pins:
@@ -151,14 +148,11 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
 
 
 def optimize(result: Result, spec: Spec, progress: Progress = lambda _: None,
-             snapshot: Callable | None = None) -> None:
-    """The optimization passes, in order (see the module docstring for why this order)."""
-    passes: list[tuple[str, Callable[[fx.GraphModule], PassResult]]] = []
-    if spec.optimize.get("merge_lora", True):
-        passes.append(("merge_lora", merge_lora))
-    passes.append(("eliminate_dead_code", eliminate_dead_code))
-    with _Timer(result.timings, progress)("optimize", "optimizing: " + ", ".join(n for n, _ in passes)):
-        result.graph, counts = run_passes(result.graph, passes)
+             snapshot: Callable | None = None, check: pass_list.Check | None = None) -> None:
+    """The OPTIMIZE passes of pass_list, in order; `check` runs after each (debug mode)."""
+    context = pass_list.Context(spec)
+    with _Timer(result.timings, progress)("optimize", "optimizing: " + ", ".join(pass_list.optimize_names(context))):
+        result.graph, counts = pass_list.optimize(result.graph, context, check)
     result.pass_counts.update(counts)
     if snapshot:
         result.snapshots.append(snapshot(result.graph, "optimized"))
@@ -166,19 +160,21 @@ def optimize(result: Result, spec: Spec, progress: Progress = lambda _: None,
 
 def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, formats: tuple[str, ...] = ("onnx",),
                   task: str | None = None, atol: float = 1e-4, progress: Progress = lambda _: None,
-                  rtol: float = 1e-4,
-                  built: Result | None = None) -> Result:
+                  rtol: float = 1e-4, built: Result | None = None, debug: bool | None = None) -> Result:
     """The whole pipeline; writes OUT/model.onnx (etc.) and OUT/report.json. `built` is an already captured
-    and rewritten graph (AdaptedModel.compile); `model` is then only its description."""
+    and rewritten graph (AdaptedModel.compile); `model` is then only its description. `debug` (default:
+    FXADAPT_DEBUG=1) checks the graph after every pass and names the first pass that changes the outputs."""
     out_dir = Path(out_dir)
     staging = _staging_dir(out_dir)
     try:
-        result = built if built is not None else build(model, spec, task=task, progress=progress)
+        result = built if built is not None else build(model, spec, task=task, progress=progress, debug=debug)
         shapes = verification_shapes(result.captured)
         with torch.no_grad():
             references = {name: flatten_outputs(result.graph(**inputs)) for name, inputs in shapes}
-        optimize(result, spec, progress)
         tolerance = (atol, rtol)
+        check = pass_checks.outputs_unchanged(shapes, references, result.captured.output_names, tolerance) if (
+            pass_list.debug_enabled(debug)) else None
+        optimize(result, spec, progress, check=check)
         _export_all(result, spec, formats, staging, shapes, references, tolerance, progress)
         _write_report(result, spec, staging, tolerance)
         _publish(staging, out_dir)

@@ -3,7 +3,8 @@
 Each method module's `emit` does the graph surgery for its method (see its docstring for the
 equation); this pass orders adapters as the spec lists them, requires that each found a site, loads
 `{"load": DIR}` weights into the inserted modules, and records the placements for checkpoints and
-reports in `gm.meta["fxadapt"]`.
+reports in `gm.meta["fxadapt"]`. A spec whose "active" is a composition block is not this pass's: the
+lower_composition pass lowers all its adapters together (fxadapt/pass_list.py runs one or the other).
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from .manager import PassResult
 
 def insert_adapters(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix: str = "",
                     hidden_size: int | None = None) -> PassResult:
-    if getattr(spec, "setup", None) is not None:  # a composition block: one composed module per site
-        from .lower_composition import lower_composition
-
-        return lower_composition(gm, spec, sites, base_prefix, hidden_size)
+    if spec.setup is not None:  # a caller bug: pass_list.REWRITE runs lower_composition for a setup
+        raise ValueError("insert_adapters: a composition setup is lowered by the lower_composition pass")
     placements = []
     inserted = 0
     for name in spec.active:

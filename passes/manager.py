@@ -1,8 +1,8 @@
 """Run an ordered list of graph passes, lint after each, and count what each changed.
 
 A pass is `GraphModule -> PassResult`. After every pass the graph is linted and recompiled; an
-optional `check(gm, name)` (numeric verification in tests and `--debug`) runs too. A failure names the
-pass and the passes that ran before it.
+optional `check(gm, name)` runs too (debug mode's checks, fxadapt/pass_checks.py). A failure names the
+pass and the passes that ran before it. The list itself lives in fxadapt/pass_list.py.
 """
 
 from __future__ import annotations
@@ -36,13 +36,18 @@ def run_passes(gm: fx.GraphModule, passes: list[tuple[str, Pass]],
     for name, run in passes:
         result = run(gm)
         gm = result.graph_module
+        before = ", ".join(counts) or "none"
         try:
             gm.graph.lint()
             gm.recompile()
-            if check is not None:
-                check(gm, name)
         except Exception as exc:
-            before = ", ".join(counts) or "none"
             raise PassError(f"pass {name!r} left an invalid graph (passes before it: {before}): {exc}") from exc
+        if check is not None:
+            try:
+                check(gm, name)
+            except Exception as exc:
+                # Keep the check's own error class (e.g. OutputsChanged), so callers can tell the failures apart.
+                kind = type(exc) if isinstance(exc, PassError) else PassError
+                raise kind(f"pass {name!r} failed the check after it (passes before it: {before}): {exc}") from exc
         counts[name] = result.count
     return gm, counts

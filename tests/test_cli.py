@@ -18,12 +18,14 @@ def test_compile_builtin_default_writes_verified_artifacts(tmp_path, capsys):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"adapters": {"s": "lora[r=4,alpha=8,init_weights='bert']"}, "active": "s"}))
     out = tmp_path / "out"
-    assert main(["compile", "--spec", str(spec), "-o", str(out), "--format", "all"]) == 0
+    # --debug: every pass is checked (the outputs after merge_lora and DCE equal the reference's)
+    assert main(["compile", "--spec", str(spec), "-o", str(out), "--format", "all", "--debug"]) == 0
     printed = capsys.readouterr().out
     assert "[  ok] onnx" in printed and "[  ok] torchscript" in printed and "report" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] and report["model"] == "builtin:tiny-bert"
     assert set(report["artifacts"]) == {"graph", "onnx", "torchscript", "pt2"}
+    assert list(report["passes"]) == ["insert_adapters", "merge_lora", "eliminate_dead_code"]
     assert report["passes"]["merge_lora"] == 4 and report["passes"]["insert_adapters"] > 0
     assert {s["site"] for s in report["sites"]} == {"attn.q", "attn.v"}
     for name in ("model.onnx", "model.ts", "model.pt2"):
@@ -31,6 +33,16 @@ def test_compile_builtin_default_writes_verified_artifacts(tmp_path, capsys):
     onnx_checks = report["artifacts"]["onnx"]["checks"]
     assert [c["shape"] for c in onnx_checks] == ["2x8", "3x5"]
     assert all(o["max_abs"] < 1e-5 for c in onnx_checks for o in c["outputs"].values())
+
+
+def test_compile_reports_lower_composition_under_its_own_name(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"adapters": {"a": "seq_bn", "b": "seq_bn"}, "active": {"stack": ["a", "b"]}}))
+    out = tmp_path / "out"
+    assert main(["compile", "--spec", str(spec), "-o", str(out), "--format", "onnx", "--debug"]) == 0
+    passes = json.loads((out / "report.json").read_text())["passes"]
+    assert list(passes) == ["lower_composition", "merge_lora", "eliminate_dead_code"]
+    assert passes["lower_composition"] > 0
 
 
 def test_verification_failure_exits_3_and_keeps_artifacts(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """AdaptedModel.compile / export: the current adapter setup, lowered afresh in eval mode, through the CLI's
-pipeline (fxadapt.pipeline): optimize (merge_lora, DCE) -> re-export -> ONNX / TorchScript / .pt2 + report.json.
+pipeline (fxadapt.pipeline): optimize (pass_list.OPTIMIZE) -> re-export -> ONNX / TorchScript / .pt2 + report.json.
 
 With an active flex head the exported model is `logits = head(graph(inputs).last_hidden_state[:, 0])`:
 the graph is optimized first (merge_lora needs the adapter modules as call_module nodes), then re-captured
@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from .. import pass_list
 from ..capture import Captured, export_program
-from ..passes.cleanup import eliminate_dead_code
-from ..passes.manager import run_passes
-from ..passes.merge_lora import merge_lora
 from ..pipeline import Result, compile_model
 from ..spec import Spec
 from .base_graph import unlock_modes
@@ -71,8 +69,8 @@ def with_head(graph: fx.GraphModule, head: ClassificationHead, input_names: list
 
 
 def _optimized(lowered: Lowered, merge: bool) -> tuple[fx.GraphModule, dict[str, int]]:
-    passes = ([("merge_lora", merge_lora)] if merge else []) + [("eliminate_dead_code", eliminate_dead_code)]
-    return run_passes(lowered.graph, passes)
+    """pass_list's OPTIMIZE passes (the CLI's), before a head is captured on top of the graph."""
+    return pass_list.optimize(lowered.graph, pass_list.Context(options={"merge_lora": merge}))
 
 
 def _for_setup(info: dict, setup) -> dict:

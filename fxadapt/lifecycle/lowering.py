@@ -28,22 +28,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-from .. import meta
+from .. import meta, pass_list
 from ..compose.fusion import Fusion
 from ..compose.fusion_spec import FusionDef
 from ..composition import Block, multi_task_children
 from ..errors import UserError
 from ..graph_edit import slug
 from ..methods.base import Placement
-from ..passes.insert_adapters import insert_adapters
-from ..passes.manager import run_passes
-from ..passes.merge_lora import merge_lora
 from ..sites import SiteMap, find_sites
 from ..spec import AdapterDef, Spec
 from .base_graph import fresh_copy
@@ -124,12 +120,11 @@ def composition_spec(defs: dict[str, AdapterDef], setup: Block, fusions: list[Fu
 
 def _run_insertion(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix: str, hidden: int | None,
                    fork_rng: bool) -> tuple[fx.GraphModule, dict[str, int]]:
-    """The insert_adapters pass (lower_composition for a setup); with `fork_rng` the fresh modules' initialisation
-    does not advance the user's RNG (only adopted modules are initialised from it, as in the reference)."""
-    rewrite = [("insert_adapters", functools.partial(insert_adapters, spec=spec, sites=sites, base_prefix=base_prefix,
-                                                     hidden_size=hidden))]
+    """The REWRITE passes of pass_list (insert_adapters, or lower_composition for a setup); with `fork_rng` the
+    fresh modules' initialisation does not advance the user's RNG (only adopted modules are initialised from it,
+    as in the reference)."""
     with torch.random.fork_rng(devices=[]) if fork_rng else contextlib.nullcontext():
-        return run_passes(gm, rewrite)
+        return pass_list.rewrite(gm, pass_list.Context(spec, sites, base_prefix, hidden))
 
 
 def _insert(gm: fx.GraphModule, defs: dict[str, AdapterDef], names: list[str], holder: nn.Module,
@@ -137,7 +132,7 @@ def _insert(gm: fx.GraphModule, defs: dict[str, AdapterDef], names: list[str], h
             fusions: list[FusionDef] | None = None) -> tuple[fx.GraphModule, SiteMap, list[Placement],
                                                              dict[str, int]]:
     sites = find_sites(gm)
-    if setup is not None:  # insert_adapters hands a spec with a setup to the lower_composition pass
+    if setup is not None:  # a spec with a setup: pass_list runs lower_composition instead of insert_adapters
         spec = composition_spec(defs, setup, fusions or [])
     else:
         # Weights come from the registry, never from a checkpoint directory (load_adapter fills the registry).
@@ -177,7 +172,8 @@ def lower(base: fx.GraphModule, defs: dict[str, AdapterDef], active: list[str], 
     counts: dict[str, int] = {}
     if merged:
         gm, _, _, counts = _insert(gm, defs, merged, holder, base_prefix, hidden, adopt=False)
-        gm, merge_counts = run_passes(gm, [("merge_lora", merge_lora)])
+        # The OPTIMIZE list folds them (merge_lora) and drops their modules (eliminate_dead_code).
+        gm, merge_counts = pass_list.optimize(gm, pass_list.Context(options={"merge_lora": True}))
         left = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_module" and n.meta.get(meta.ORIGIN)})
         if left:
             reasons = gm.meta.get("fxadapt", {}).get("not_merged") or [{"reason": "it is not a LoRA-family adapter, "
