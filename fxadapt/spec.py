@@ -1,12 +1,15 @@
 """The composition spec (JSON): which adapters exist, how each is configured, which are active.
 
-    {"adapters": {NAME: DEF, ...}, "active": NAME, "fusions": [], "optimize": {"merge_lora": true}}
+    {"adapters": {NAME: DEF, ...}, "active": NAME | BLOCK, "fusions": [FUSION, ...], "optimize": {"merge_lora": true}}
 
 DEF is an AdapterHub config string (`"lora[r=4,alpha=8]"`), a config object (`{"config": "seq_bn",
 "reduction_factor": 8}` or an AdapterHub config dict with `architecture`), or `{"load": DIR}` for a
 saved AdapterHub or PEFT checkpoint (detected from its adapter_config.json; relative paths resolve
-against the spec file). The JSON Schema is `spec_schema.json` beside this module. Every error names
-the JSON path of the offending value.
+against the spec file). BLOCK is a composition block (`{"stack": [...]}`, parallel, fuse, split,
+batch_split, average, multi_task: fxadapt/composition.py), FUSION an AdapterFusion definition
+(`{"adapters": [...], "config": ...}`, `{"adapters": [...], "load": DIR}` or `{"load": DIR}`:
+fxadapt/compose/fusion_spec.py). The JSON Schema is `spec_schema.json` beside this module. Every error
+names the JSON path of the offending value.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from .methods.config_string import parse_config_string
 SCHEMA_PATH = Path(__file__).with_name("spec_schema.json")
 _TOP_KEYS = {"adapters", "active", "fusions", "optimize", "$schema", "description"}
 _OPTIMIZE_KEYS = {"merge_lora": True}
-_COMPOSITIONS = ("stack", "parallel", "fuse", "split", "batch_split", "average")
 
 
 @dataclass
@@ -95,7 +97,7 @@ def parse_spec(data: Any, base_dir: Path = Path(".")) -> Spec:
     if isinstance(data.get("active"), dict):  # a composition block (fxadapt/composition.py)
         setup = parse_composition(data["active"], set(adapters))
     fusions = parse_fusions(data.get("fusions"), adapters, base_dir) if data.get("fusions") else []
-    active = setup.flatten() if setup is not None else _active(data.get("active"), adapters)
+    active = list(setup.flatten()) if setup is not None else _active(data.get("active"), adapters)
     optimize = dict(_OPTIMIZE_KEYS)
     for key, value in (data.get("optimize") or {}).items():
         if key not in _OPTIMIZE_KEYS or not isinstance(value, bool):
@@ -153,9 +155,6 @@ def _active(value: Any, adapters: dict[str, AdapterDef]) -> list[str]:
             return list(adapters)
         raise UserError("$.active: several adapters are defined; say which is active, e.g. "
                         f"\"active\": {json.dumps(next(iter(adapters)))}.")
-    if isinstance(value, dict) and len(value) >= 1 and next(iter(value)) in _COMPOSITIONS:
-        raise UserError(f"$.active: composition block {next(iter(value))!r} is not supported by fxadapt yet; "
-                        "activate a single adapter by name.")
     if not isinstance(value, str):
         raise UserError(f"$.active: expected an adapter name or a composition block, got {json.dumps(value)}.")
     if value not in adapters:

@@ -63,3 +63,45 @@ def test_schema_rejects_what_the_parser_rejects():
         jsonschema.validate({"adapters": {}, "colour": 1}, schema)
     with pytest.raises(UserError):
         parse_spec({"adapters": {}})
+
+
+FUSE_CASE = Path(__file__).parent / "fixtures" / "reference" / "cases" / "bert__fuse"
+
+
+def _fuse_spec(fusion: dict, adapters: dict | None = None) -> dict:
+    adapters = adapters or {"a": {"load": "adapter_a"}, "b": {"load": "adapter_b"}}
+    return {"adapters": adapters, "active": {"fuse": ["a", "b"]}, "fusions": [fusion]}
+
+
+@pytest.mark.parametrize("fusion", [{"load": "fusion_a_b"}, {"adapters": ["a", "b"], "load": "fusion_a_b"}])
+def test_loaded_fusion_with_or_without_its_adapters(fusion):
+    """The design's form {"adapters": [...], "load": DIR} and {"load": DIR} alone give the same fusion."""
+    jsonschema.validate(_fuse_spec(fusion), json.loads(SCHEMA_PATH.read_text()))
+    spec = parse_spec(_fuse_spec(fusion), FUSE_CASE)
+    (parsed,) = spec.fusions
+    assert parsed.name == "a,b" and parsed.adapters == ["a", "b"] and parsed.load == FUSE_CASE / "fusion_a_b"
+    saved = json.loads((FUSE_CASE / "fusion_a_b" / "adapter_fusion_config.json").read_text())["config"]
+    assert parsed.config == saved  # the checkpoint's config
+
+
+@pytest.mark.parametrize(("adapters", "message"), [
+    (["b", "a"], r"\$\.fusions\[0\]\.adapters: \['b', 'a'\] disagrees with the checkpoint .* fuses \['a', 'b'\].*"
+                 r"another order"),
+    (["a", "c"], r"\$\.fusions\[0\]\.adapters: \['a', 'c'\] disagrees with the checkpoint .* fuses \['a', 'b'\]"),
+    (["a"], r"\$\.fusions\[0\]\.adapters: \['a'\] disagrees"),
+    (["a", "z"], r"\$\.fusions\[0\]\.adapters: unknown adapter 'z'"),
+    ("a,b", r"\$\.fusions\[0\]\.adapters: expected the list of fused adapter names"),
+])
+def test_loaded_fusion_adapters_must_match_the_checkpoint(adapters, message):
+    defined = {"a": {"load": "adapter_a"}, "b": {"load": "adapter_b"}, "c": "seq_bn"}
+    with pytest.raises(UserError, match=message):
+        parse_spec(_fuse_spec({"adapters": adapters, "load": "fusion_a_b"}, defined), FUSE_CASE)
+
+
+def test_loaded_fusion_over_adapters_the_spec_lacks_names_the_load():
+    adapters = {"x": "seq_bn", "y": "seq_bn"}
+    data = {"adapters": adapters, "active": "x", "fusions": [{"load": "fusion_a_b"}]}
+    with pytest.raises(UserError, match=r"\$\.fusions\[0\]\.load: the checkpoint fuses 'a'"):
+        parse_spec(data, FUSE_CASE)
+    with pytest.raises(UserError, match=r"\$\.fusions\[0\]: a loaded fusion takes only \"load\" and \"adapters\""):
+        parse_spec(_fuse_spec({"adapters": ["a", "b"], "load": "fusion_a_b", "config": "static"}), FUSE_CASE)

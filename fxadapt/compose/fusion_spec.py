@@ -2,7 +2,10 @@
 AdapterFusionConfig, given inline or loaded from a saved AdapterHub fusion directory.
 
     {"adapters": ["a", "b"], "config": "dynamic" | "static", <AdapterFusionConfig field>: value, ...}
-    {"load": DIR}      adapter_fusion_config.json + pytorch_model_adapter_fusion.bin (save_adapter_fusion)
+    {"adapters": ["a", "b"], "load": DIR}   a saved fusion (save_adapter_fusion: adapter_fusion_config.json +
+                                            pytorch_model_adapter_fusion.bin); "adapters" must be the names
+                                            it was saved over, in that order (its "adapter_names")
+    {"load": DIR}                           the same, the adapters taken from the checkpoint
 
 The fusion's name is the reference's: the adapter names joined by ",".
 """
@@ -59,14 +62,24 @@ def _fusion(item: Any, adapters: dict, path: str, base_dir: Path) -> FusionDef:
         raise UserError(f"{path}: expected an object with \"adapters\" or \"load\".")
     load = None
     if "load" in item:
-        extra = sorted(set(item) - {"load"})
+        extra = sorted(set(item) - {"load", "adapters"})
         if extra:
-            raise UserError(f"{path}: {{\"load\": DIR}} takes no other keys, got {extra}.")
+            raise UserError(f"{path}: a loaded fusion takes only \"load\" and \"adapters\" (its config is the "
+                            f"checkpoint's), got {extra}.")
         load = (base_dir / item["load"]).resolve()
         data = _read_json(load, f"{path}.load")
-        names, values = data.get("adapter_names"), data.get("config")
+        names, values = _saved_names(data), data.get("config")
         if not isinstance(values, dict):
             raise UserError(f"{path}.load: {load / CONFIG_FILE} has no \"config\" object.")
+        if "adapters" in item:
+            _check_names(item["adapters"], adapters, f"{path}.adapters")
+            if names is not None and list(item["adapters"]) != names:
+                order = " (the same adapters in another order: the order names the fusion and orders its " \
+                        "attention)" if sorted(item["adapters"]) == sorted(names) else ""
+                raise UserError(f"{path}.adapters: {item['adapters']} disagrees with the checkpoint {load}, which "
+                                f"fuses {names} ({CONFIG_FILE} \"adapter_names\"){order}; list the adapters it was "
+                                "saved over, in that order, or drop \"adapters\" to take them from the checkpoint.")
+            names = list(item["adapters"])
     else:
         names = item.get("adapters")
         values = {k: v for k, v in item.items() if k not in ("adapters", "config")}
@@ -74,11 +87,8 @@ def _fusion(item: Any, adapters: dict, path: str, base_dir: Path) -> FusionDef:
         if preset not in PRESETS:
             raise UserError(f"{path}.config: unknown fusion config {preset!r}; use \"dynamic\" or \"static\".")
         values = {**PRESETS[preset], **values}
-    if not isinstance(names, list) or len(names) < 1 or not all(isinstance(n, str) for n in names):
-        raise UserError(f"{path}.adapters: expected the list of fused adapter names.")
-    for name in names:
-        if name not in adapters:
-            raise UserError(f"{path}.adapters: unknown adapter {name!r}; defined adapters: {', '.join(adapters)}.")
+    where = f"{path}.load" if load is not None and "adapters" not in item else f"{path}.adapters"
+    _check_names(names, adapters, where)
     unknown = sorted(set(values) - set(PRESETS["dynamic"]))
     if unknown:
         raise UserError(f"{path}: unknown AdapterFusionConfig key(s) {unknown}; valid: "
@@ -89,6 +99,25 @@ def _fusion(item: Any, adapters: dict, path: str, base_dir: Path) -> FusionDef:
                         "(its outputs depend on how often it ran), which a compiled graph cannot reproduce; set it "
                         "to false.")
     return FusionDef(",".join(names), list(names), values, path, load)
+
+
+def _saved_names(data: dict[str, Any]) -> list[str] | None:
+    """The adapters a saved fusion is over: its "adapter_names", else its default name "a,b" split."""
+    names = data.get("adapter_names")
+    if names is None and isinstance(data.get("name"), str):
+        names = data["name"].split(",")
+    return names
+
+
+def _check_names(names: Any, adapters: dict, path: str) -> None:
+    """`names` is a non-empty list of the spec's adapter names."""
+    if not isinstance(names, list) or len(names) < 1 or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: expected the list of fused adapter names, e.g. [\"a\", \"b\"].")
+    for name in names:
+        if name not in adapters:
+            what = "the checkpoint fuses" if path.endswith(".load") else "unknown adapter"
+            raise UserError(f"{path}: {what} {name!r}, which the spec's \"adapters\" do not define; defined "
+                            f"adapters: {', '.join(adapters)}.")
 
 
 def _read_json(directory: Path, path: str) -> dict[str, Any]:
