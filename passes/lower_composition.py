@@ -22,8 +22,9 @@ from fxadapt.composition import Block
 from fxadapt.errors import UserError
 from fxadapt.graph_edit import Emitter, add_module
 from fxadapt.graph_ops import aten
-from fxadapt.methods import bottleneck, lora, mtl_lora
-from fxadapt.methods.base import Placement, freeze
+from fxadapt.methods import bottleneck
+from fxadapt.methods.base import Placement, SiteModule, freeze
+from fxadapt.methods.lora_family import projection_io
 from fxadapt.sites import SiteMap
 from fxadapt.spec import Spec
 
@@ -45,58 +46,29 @@ def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefi
                       hidden_size: int | None = None) -> PassResult:
     setup: Block = spec.setup
     paths = branches(setup)
-    residual_mods: dict[int, dict] = {}
-    linear_mods: dict[int, dict] = {}
+    # Each method builds its own modules per site (methods/base.py SiteModule); composed sites by kind.
+    by_kind: dict[str, dict[int, dict[str, SiteModule]]] = {}
     for name in dict.fromkeys(spec.active):
         adapter = spec.adapters[name]
         if "." in name:
             raise UserError(f"{adapter.path}: adapter names in a composition cannot contain \".\".")
-        found = _modules(adapter, sites, residual_mods, linear_mods, name)
+        found = adapter.method.site_modules(sites, name, adapter.config, adapter.path, gm)
         if not found:
             raise UserError(f"{adapter.path}: the model has no site for this {adapter.method.NAME} adapter.")
+        for item in found:
+            by_kind.setdefault(item.kind, {}).setdefault(item.index, {})[name] = item
+    unknown = sorted(set(by_kind) - set(LOWER_SITES))
+    if unknown:
+        raise UserError(f"$.active: fxadapt cannot compose adapters at {', '.join(unknown)} sites yet.")
     placements: list[Placement] = []
     inserted = 0
     if len(paths) > 1 or setup.kind == "parallel":
         inserted += _replicate_inputs(gm, len(paths))
-    for index, modules in residual_mods.items():
-        site = sites.residuals[index]
-        fusions = {f.name: freeze(Fusion(f.config, site.hidden_size)) for f in spec.fusions
-                   if set(f.adapters) & set(modules)}
-        norm = site.norm
-        if norm is not None and norm.target != aten.layer_norm.default:
-            raise UserError(f"composition at {site.role} of layer {site.layer}: the site's norm is "
-                            f"{norm.target}, fxadapt composes bottleneck adapters only around layer_norm.")
-        module = BottleneckSite(paths, {n: m for n, (m, _) in modules.items()},
-                                {n: spec.adapters[n].config for n in modules}, fusions,
-                                (list(norm.args[1]), float(norm.args[4]) if len(norm.args) > 4 else 1e-5)
-                                if norm is not None else None)
-        path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
-        emit = Emitter(gm, site.output, {"adapter": ",".join(modules), "method": "composition", "pass": PASS,
-                                         "site": site.role, "layer": site.layer})
-        ln_args = (norm.args[2], norm.args[3]) if norm is not None else ()
-        out = emit.call_module(path, (site.hidden, site.residual, *ln_args))
-        emit.reroute(site.output, out)
-        inserted += len(emit.created)
-        ref = bottleneck.reference_module(site)
-        placements += [Placement(n, "bottleneck", site.role, site.layer, f"{path}.adapters.{n}", ref, 0)
-                       for n in modules]
-        placements += [Placement(f, "fusion", site.role, site.layer, f"{path}.adapter_fusion_layer.{f}",
-                                 ref.rpartition(".")[0] + ".adapter_fusion_layer", 0) for f in fusions]
-    task_ids = _task_ids(gm) if _has_multi_task(setup) else None
-    for index, modules in linear_mods.items():
-        site = sites.linears[index]
-        module = LoRASite(paths, {n: m for n, (m, _) in modules.items()})
-        path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
-        origin = {"adapter": ",".join(modules), "method": "composition", "pass": PASS, "site": site.role,
-                  "layer": site.layer}
-        for node in site.nodes:
-            x, y = _io(node)
-            emit = Emitter(gm, y, origin)
-            out = emit.call_module(path, (x, y) + ((task_ids,) if task_ids is not None else ()))
-            emit.reroute(y, out)
-            inserted += len(emit.created)
-        placements += [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",
-                                 f"{site.module}.loras", 0) for n in modules]
+    for kind, lower in LOWER_SITES.items():
+        for index, modules in by_kind.get(kind, {}).items():
+            made, placed = lower(gm, spec, sites, paths, index, modules)
+            inserted += made
+            placements += placed
     for name in dict.fromkeys(spec.active):
         adapter = spec.adapters[name]
         if adapter.load is not None:
@@ -111,36 +83,57 @@ def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefi
     return PassResult(gm, inserted)
 
 
-def _io(node: fx.Node):
-    from fxadapt.methods.lora_family import projection_io
+def _lower_residual(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list, index: int,
+                    modules: dict[str, SiteModule]) -> tuple[int, list[Placement]]:
+    """`y = BottleneckSite(h, x, ln_w, ln_b)` at one residual site; returns (nodes made, placements)."""
+    site = sites.residuals[index]
+    fusions = {f.name: freeze(Fusion(f.config, site.hidden_size)) for f in spec.fusions
+               if set(f.adapters) & set(modules)}
+    norm = site.norm
+    if norm is not None and norm.target != aten.layer_norm.default:
+        raise UserError(f"composition at {site.role} of layer {site.layer}: the site's norm is "
+                        f"{norm.target}, fxadapt composes bottleneck adapters only around layer_norm.")
+    module = BottleneckSite(paths, {n: m.module for n, m in modules.items()},
+                            {n: spec.adapters[n].config for n in modules}, fusions,
+                            (list(norm.args[1]), float(norm.args[4]) if len(norm.args) > 4 else 1e-5)
+                            if norm is not None else None)
+    path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
+    emit = Emitter(gm, site.output, {"adapter": ",".join(modules), "method": "composition", "pass": PASS,
+                                     "site": site.role, "layer": site.layer})
+    ln_args = (norm.args[2], norm.args[3]) if norm is not None else ()
+    out = emit.call_module(path, (site.hidden, site.residual, *ln_args))
+    emit.reroute(site.output, out)
+    ref = bottleneck.reference_module(site)
+    placements = [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",
+                            m.reference_module, 0) for n, m in modules.items()]
+    placements += [Placement(f, "fusion", site.role, site.layer, f"{path}.adapter_fusion_layer.{f}",
+                             ref.rpartition(".")[0] + ".adapter_fusion_layer", 0) for f in fusions]
+    return len(emit.created), placements
 
-    return projection_io(node, True)
+
+def _lower_linear(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list, index: int,
+                  modules: dict[str, SiteModule]) -> tuple[int, list[Placement]]:
+    """`y' = LoRASite(x, y[, task_ids])` at every graph node of one projection; returns (nodes made, placements)."""
+    site = sites.linears[index]
+    task_ids = _task_ids(gm) if _has_multi_task(spec.setup) else None
+    module = LoRASite(paths, {n: m.module for n, m in modules.items()})
+    path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
+    origin = {"adapter": ",".join(modules), "method": "composition", "pass": PASS, "site": site.role,
+              "layer": site.layer}
+    inserted = 0
+    for node in site.nodes:
+        x, y = projection_io(node, True)
+        emit = Emitter(gm, y, origin)
+        out = emit.call_module(path, (x, y) + ((task_ids,) if task_ids is not None else ()))
+        emit.reroute(y, out)
+        inserted += len(emit.created)
+    placements = [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",
+                            m.reference_module, 0) for n, m in modules.items()]
+    return inserted, placements
 
 
-def _modules(adapter, sites: SiteMap, residual_mods: dict, linear_mods: dict, name: str) -> int:
-    """Build `adapter`'s module for each of its sites (without touching the graph); returns how many."""
-    config, count = adapter.config, 0
-    if adapter.method.NAME == "bottleneck":
-        roles = (["residual.attn"] if config.mh_adapter else []) + (["residual.ffn"] if config.output_adapter else [])
-        for index, site in enumerate(sites.residuals):
-            if site.role not in roles or site.layer in config.leave_out:
-                continue
-            down = int(site.hidden_size // config.reduction_for(site.layer, adapter.path))
-            if down < 1:
-                raise UserError(f"{adapter.path}.reduction_factor: leaves no bottleneck for hidden size "
-                                f"{site.hidden_size}.")
-            residual_mods.setdefault(index, {})[name] = (bottleneck.Bottleneck(site.hidden_size, down, config), site)
-            count += 1
-    else:
-        for site, chunks in lora.targets(sites, config):
-            if chunks:
-                raise UserError(f"{adapter.path}: a fused q/k/v projection ({site.module}) cannot hold a composed "
-                                "LoRA (the reference's LoRAMergedLinear does not compose). Activate it alone.")
-            index = sites.linears.index(site)
-            cls = mtl_lora.MTLLoRA if adapter.method.NAME == mtl_lora.NAME else lora.LoRA
-            linear_mods.setdefault(index, {})[name] = (cls(site.in_features, site.out_features, config), site)
-            count += 1
-    return count
+# How a composed site of each SiteModule kind is lowered; residual sites first, as before.
+LOWER_SITES = {"residual": _lower_residual, "linear": _lower_linear}
 
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:

@@ -1,9 +1,9 @@
-"""Which blocks may hold which adapter methods (the reference's `supported_compositions` per layer class),
-and the spec-level checks of a composition: every Fuse has a fusion definition, at most one Parallel.
+"""The spec-level checks of a composition: every adapter may join its block, every Fuse has a fusion
+definition, at most one Parallel.
 
-    bottleneck: Stack, Fuse, Split, Parallel, BatchSplit, Average
-    lora:       Stack, BatchSplit, Average, Parallel, MultiTask
-    mtl_lora:   the same (the reference's LoRALinear holds it)
+Which blocks may hold which adapter is each method's own knowledge (fxadapt/methods/base.py): its module's
+`BLOCKS` (the reference's `supported_compositions` per layer class) and, where some configs of the method
+cannot compose, `composition_refusal(config)`. Nothing here names a method.
 """
 
 from __future__ import annotations
@@ -12,12 +12,6 @@ from typing import Any
 
 from ..composition import Block
 from ..errors import UserError
-
-SUPPORTED: dict[str, tuple[str, ...]] = {
-    "bottleneck": ("stack", "fuse", "split", "parallel", "batch_split", "average"),
-    "lora": ("stack", "batch_split", "average", "parallel", "multi_task"),
-    "mtl_lora": ("stack", "batch_split", "average", "parallel", "multi_task"),
-}
 
 
 def blocks(block: Block) -> list[Block]:
@@ -29,6 +23,17 @@ def blocks(block: Block) -> list[Block]:
     return found
 
 
+def allowed_blocks(method: Any) -> tuple[str, ...]:
+    """The blocks a method module may join (none when it declares no BLOCKS)."""
+    return tuple(getattr(method, "BLOCKS", ()))
+
+
+def refusal(adapter: Any) -> str | None:
+    """Why this adapter's config cannot compose, or None (methods without `composition_refusal` always can)."""
+    check = getattr(adapter.method, "composition_refusal", None)
+    return check(adapter.config) if check is not None else None
+
+
 def check_setup(spec: Any) -> None:
     """UserError naming the block, the rule and the JSON path where a composition cannot be lowered."""
     setup: Block = spec.setup
@@ -37,18 +42,15 @@ def check_setup(spec: Any) -> None:
         for name in dict.fromkeys(block.flatten()):
             adapter = spec.adapters[name]
             method = adapter.method.NAME
-            allowed = SUPPORTED.get(method, ())
+            allowed = allowed_blocks(adapter.method)
             if block.kind not in allowed:
                 raise UserError(
                     f"{block.path}: a {block.kind} block cannot hold adapter {name!r} ({method}, {adapter.path}); "
                     f"{method} adapters compose only in {', '.join(allowed) or 'no block'} (the reference's "
                     "supported compositions). Activate it alone or use another block.")
-            if method == "lora" and adapter.config.variant != "lora":
-                raise UserError(f"{block.path}: {adapter.path} is a {adapter.config.variant} adapter; fxadapt composes "
-                                "plain LoRA only so far. Activate it alone.")
-            if method == "bottleneck" and (adapter.config.phm_layer or adapter.config.inv_adapter):
-                raise UserError(f"{block.path}: {adapter.path} uses PHM layers or an invertible adapter, which "
-                                "fxadapt does not compose yet. Activate it alone.")
+            reason = refusal(adapter)
+            if reason is not None:
+                raise UserError(f"{block.path}: {adapter.path} cannot be composed: {reason}. Activate it alone.")
     parallels = [b for b in all_blocks if b.kind == "parallel"]
     if len(parallels) > 1:
         raise UserError(f"{parallels[1].path}: only one parallel block per setup is supported (the batch is "

@@ -3,6 +3,13 @@
 A method module defines `Config` (AdapterHub field names and defaults, validation in `validate`) and
 an `emit(gm, sites, adapter, config)` generator that inserts the method's nodes and yields one
 `Placement` per adapted site, so checkpoints can map parameters to the reference's keys.
+
+Composition (passes/lower_composition.py, compose/rules.py) reads three more names of a method module:
+
+    BLOCKS                     the composition blocks it may join (the reference's `supported_compositions`)
+    composition_refusal(c)     optional: why config `c` cannot compose (None when it can)
+    site_modules(sites, name, config, path, gm) -> list[SiteModule]
+                               the method's own module per site, built without touching the graph
 """
 
 from __future__ import annotations
@@ -58,6 +65,17 @@ class Placement:
     module_path: str  # where the adapter module lives in the GraphModule
     reference_module: str  # reference container of this adapter, e.g. "encoder.layer.0.output.adapters"
     nodes_inserted: int
+
+
+@dataclass
+class SiteModule:
+    """One adapter module for a composed site. `kind` says which site list `index` points into ("linear":
+    sites.linears, "residual": sites.residuals); lower_composition dispatches on it."""
+
+    kind: str
+    index: int
+    module: nn.Module
+    reference_module: str  # reference checkpoint prefix, as Placement.reference_module
 
 
 def require_type(config: MethodConfig, path: str, key: str, kinds: tuple[type, ...]) -> None:

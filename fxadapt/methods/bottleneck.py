@@ -40,9 +40,11 @@ from ..graph_edit import Emitter, add_module
 from ..graph_ops import aten
 from ..sites import ResidualSite, SiteMap
 from . import invertible, phm
-from .base import MethodConfig, Placement, freeze, require_type
+from .base import MethodConfig, Placement, SiteModule, freeze, require_type
 
 NAME = "bottleneck"
+# The reference's BottleneckLayer.supported_compositions.
+BLOCKS: tuple[str, ...] = ("stack", "fuse", "split", "parallel", "batch_split", "average")
 INITS = ("bert", "mam_adapter", "houlsby")
 
 
@@ -270,6 +272,27 @@ def reference_module(site: ResidualSite) -> str:
         return f"{site.module}.adapters"
     slot = "output_adapters" if site.role == "residual.ffn" else "attention_adapters"
     return f"{site.module}.{slot}.adapters"
+
+
+def composition_refusal(config: Config) -> str | None:
+    """Why this config cannot join a composition block (None when it can)."""
+    if config.phm_layer or config.inv_adapter:
+        return "it uses PHM layers or an invertible adapter, which fxadapt does not compose yet"
+    return None
+
+
+def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
+    """The Bottleneck module per residual site, for a composed site (the graph is left as is)."""
+    roles = (["residual.attn"] if config.mh_adapter else []) + (["residual.ffn"] if config.output_adapter else [])
+    found = []
+    for index, site in enumerate(sites.residuals):
+        if site.role not in roles or site.layer in config.leave_out:
+            continue
+        down = int(site.hidden_size // config.reduction_for(site.layer, path))
+        if down < 1:
+            raise UserError(f"{path}.reduction_factor: leaves no bottleneck for hidden size {site.hidden_size}.")
+        found.append(SiteModule("residual", index, Bottleneck(site.hidden_size, down, config), reference_module(site)))
+    return found
 
 
 def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:

@@ -25,13 +25,16 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from ..errors import UserError
 from ..graph_edit import add_module
 from ..sites import LinearSite, SiteMap
-from .base import MethodConfig, Placement, freeze, require_type
+from .base import MethodConfig, Placement, SiteModule, freeze, require_type
 from .lora_family import FamilyModule, apply_at, gate_mean, shared_attrs
 
 NAME = "lora"
 INIT_WEIGHTS = ("lora", "bert", "ia3", "vera")
+# The reference's LoRALinear.supported_compositions (its fused LoRAMergedLinear composes in no block).
+BLOCKS: tuple[str, ...] = ("stack", "batch_split", "average", "parallel", "multi_task")
 
 
 @dataclass
@@ -237,6 +240,25 @@ def build(gm: fx.GraphModule, site: LinearSite, config: Config, chunks: tuple[bo
     if variant == "dora":
         return dora.DoRA(gm, site, config, chunks, path)
     return LoRA(site.in_features, site.out_features, config, chunks)
+
+
+def composition_refusal(config: Config) -> str | None:
+    """Why this config cannot join a composition block (None when it can)."""
+    if config.variant != "lora":
+        return f"it is a {config.variant} adapter; fxadapt composes plain LoRA only so far"
+    return None
+
+
+def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
+    """This config's module per adapted projection, for a composed site (the graph is left as is)."""
+    found = []
+    for site, chunks in targets(sites, config):
+        if chunks:
+            raise UserError(f"{path}: a fused q/k/v projection ({site.module}) cannot hold a composed LoRA (the "
+                            "reference's LoRAMergedLinear does not compose). Activate it alone.")
+        found.append(SiteModule("linear", sites.linears.index(site), build(gm, site, config, chunks, path),
+                                f"{site.module}.loras"))
+    return found
 
 
 def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:

@@ -33,10 +33,11 @@ from ..errors import UserError
 from ..graph_edit import add_module
 from ..sites import SiteMap
 from . import lora
-from .base import Placement, freeze, require_type
+from .base import Placement, SiteModule, freeze, require_type
 from .lora_family import FamilyModule, apply_at, gate_mean
 
 NAME = "mtl_lora"
+BLOCKS = lora.BLOCKS  # the reference's LoRALinear holds MTL-LoRA modules too
 MATRIX_TYPES = ("singular_values", "linear")
 NOT_MERGEABLE = ("MTL-LoRA: the update mixes n_up_projection up-projections through per-task weights; "
                  "adapters 1.3.0 cannot merge it either (its merge adds a [n, out, in] tensor to the weight)")
@@ -167,6 +168,16 @@ def check_site(site, chunks: tuple[bool, ...], path: str) -> None:
     if chunks:
         raise UserError(f"{path}: MTL-LoRA on a fused q/k/v projection ({site.module}) is not supported; adapt "
                         "models with separate q/k/v projections, or use lora.")
+
+
+def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
+    """The MTLLoRA module per adapted projection, for a composed site (the graph is left as is)."""
+    found = []
+    for site, chunks in lora.targets(sites, config):
+        check_site(site, chunks, path)
+        found.append(SiteModule("linear", sites.linears.index(site), MTLLoRA(site.in_features, site.out_features,
+                                                                            config), f"{site.module}.loras"))
+    return found
 
 
 def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:

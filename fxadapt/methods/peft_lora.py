@@ -36,6 +36,7 @@ from .dora import oriented, row_norm, site_weight
 from .lora_family import FamilyModule, apply_at, weight_and_bias
 
 NAME = "peft_lora"
+BLOCKS: tuple[str, ...] = ()  # no block yet (compose/rules.py)
 PRESETS: dict[str, dict[str, Any]] = {}
 ALIASES: dict[str, str] = {}
 SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's SEQ_CLS_HEAD_NAMES
