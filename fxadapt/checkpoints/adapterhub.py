@@ -45,13 +45,26 @@ def read_checkpoint_json(directory: Path, path: str, config_file: str = CONFIG_F
         raise UserError(f"{path}: checkpoint directory {directory} does not exist.")
     if not file.is_file():
         raise UserError(f"{path}: {directory} has no {config_file}; expected {expected}.")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: {file} is corrupt (line {exc.lineno}: {exc.msg}).") from None
+    data = read_json_file(file, path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: {file} must hold a JSON object.")
     return data
+
+
+def read_json_file(file: Path, path: str) -> Any:
+    """A JSON file from an untrusted checkpoint: every way it can be unreadable is a UserError naming it."""
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: {file} is corrupt (line {exc.lineno}: {exc.msg}).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: {file} is not UTF-8 text; JSON files must be UTF-8.") from None
+    except RecursionError:
+        raise UserError(f"{path}: {file} is nested too deeply to be an adapter config.") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise UserError(f"{path}: {file} holds a value that cannot be read ({exc}).") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {file} ({exc.strerror or exc}).") from None
 
 
 def read_weights(directory: Path, path: str, files: tuple[str, ...] = WEIGHT_FILES,
@@ -63,12 +76,27 @@ def read_weights(directory: Path, path: str, files: tuple[str, ...] = WEIGHT_FIL
             continue
         try:
             if name.endswith(".safetensors"):
-                return load_file(str(file))
-            return torch.load(file, map_location="cpu", weights_only=True)
+                weights = load_file(str(file))
+            else:
+                weights = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupt files raise many types (pickle, safetensors, zip)
             raise UserError(f"{path}: cannot read {file}: it is corrupt or not a weight file "
                             f"({type(exc).__name__}).") from None
+        return checked_tensors(weights, file, path)
     raise UserError(f"{path}: {kind}{directory} has no weights file ({' or '.join(files)}).")
+
+
+def checked_tensors(weights: Any, file: Path, path: str) -> dict[str, torch.Tensor]:
+    """`weights` if it is a dict of finite tensors: a NaN or Inf weight would only show up later as outputs
+    that differ, so it is refused at load, naming the tensor."""
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise UserError(f"{path}: {file} does not hold a mapping of names to tensors.")
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{path}: tensor {key!r} in {file} holds NaN or Inf values; the checkpoint is "
+                            "damaged or was saved from a diverged training run.")
+    return weights
 
 
 def _strip(key: str, prefix: str) -> str:

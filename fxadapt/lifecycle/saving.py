@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__
@@ -88,21 +87,32 @@ def read_head(directory: Path, hidden: int, dropout: float, path: str) -> tuple[
     config_file = directory / HEAD_CONFIG
     if not config_file.is_file():
         return None
-    try:
-        data = json.loads(config_file.read_text())
-        config = data["config"]
-        if config.get("head_type") != "classification":
-            raise UserError(f"{path}: {config_file} holds a {config.get('head_type')!r} head; fxadapt loads "
-                            "classification heads only.")
-        head = ClassificationHead(hidden, config["num_labels"], config.get("layers", 2),
-                                  config.get("activation_function", "tanh"),
-                                  config.get("dropout_prob") if config.get("dropout_prob") is not None else dropout)
-        weights = load_file(str(directory / HEAD_WEIGHTS))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path}: the head in {directory} is incomplete or corrupt ({type(exc).__name__}: {exc}).") \
-            from None
+    data = adapterhub.read_json_file(config_file, path)
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict) or not isinstance(data.get("name"), str):
+        raise UserError(f"{path}: {config_file} needs a \"config\" object and a \"name\" string.")
+    if config.get("head_type") != "classification":
+        raise UserError(f"{path}: {config_file} holds a {config.get('head_type')!r} head; fxadapt loads "
+                        "classification heads only.")
+    weights = adapterhub.read_weights(directory, path, HEAD_WEIGHT_FILES, "the head directory ")
     prefix = f"heads.{data['name']}."
     state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    num_labels, layers = config.get("num_labels"), config.get("layers", 2)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (num_labels, layers)):
+        raise UserError(f"{path}: {config_file}: num_labels and layers must be positive integers, got "
+                        f"{num_labels!r} and {layers!r}.")
+    # Sizes come from an untrusted file: compare them with the saved tensors before allocating the head.
+    expected = (layers - 1) * (hidden * hidden + hidden) + hidden * num_labels + num_labels
+    if sum(t.numel() for t in state.values()) != expected:
+        raise UserError(f"{path}: the head in {directory} does not fit this model: its config asks for "
+                        f"{layers} layer(s) and {num_labels} label(s) at hidden size {hidden}, but the saved "
+                        "tensors have another size.")
+    try:
+        head = ClassificationHead(hidden, num_labels, layers, config.get("activation_function", "tanh"),
+                                  config.get("dropout_prob") if config.get("dropout_prob") is not None else dropout)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: the head config in {config_file} is invalid ({type(exc).__name__}: {exc}).") \
+            from None
     try:
         head.load_state_dict(state)
     except RuntimeError as exc:
@@ -115,8 +125,8 @@ def read_head(directory: Path, hidden: int, dropout: float, path: str) -> tuple[
 def saved_name(directory: Path) -> str | None:
     """The adapter name an AdapterHub directory was saved under (None for PEFT or unreadable directories)."""
     try:
-        data = json.loads((Path(directory) / adapterhub.CONFIG_FILE).read_text())
-    except (OSError, ValueError):
+        data = adapterhub.read_json_file(Path(directory) / adapterhub.CONFIG_FILE, "")
+    except UserError:
         return None
     name = data.get("name") if isinstance(data, dict) else None
     return name if isinstance(name, str) and name else None
