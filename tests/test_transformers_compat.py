@@ -1,9 +1,10 @@
 """Exports that do not depend on how a transformers version registers ModelOutput in pytree.
 
 transformers 4.57 registers ModelOutput without a keys function (`tree_flatten_with_path` fails on
-it), 5.x with one. `export/prepare.for_export` returns the graph's outputs as a plain dict of the same
-fields, so TorchScript's output naming works either way and a `.pt2` loads in a process that never
-defined (or imported) the output class. The output class here is registered the 4.57 way.
+it), 5.x with one. TorchScript's output naming reads mappings as plain dicts, and
+`export/prepare.for_export` returns the graph's outputs as a plain dict of the same fields, so a `.pt2`
+loads in a process that never defined (or imported) the output class. The output class here is
+registered the 4.57 way.
 """
 
 from __future__ import annotations
@@ -51,10 +52,17 @@ def _captured():
     return export_program(TwoOutputs(), inputs, shapes).module(), inputs, shapes
 
 
-def test_keyless_output_breaks_naming_without_prepare():
-    gm, inputs, shapes = _captured()
+def test_the_stand_in_has_no_keys_function_as_in_transformers_4_57():
     with pytest.raises(ValueError, match="flatten_with_keys_fn"):
-        export_torchscript(export_program(gm, inputs, shapes), ["x"], ["last_hidden_state", "pooled"])
+        pytree.tree_flatten_with_path(KeylessOutput(a=torch.zeros(1)))
+
+
+def test_torchscript_names_the_outputs_of_an_unprepared_keyless_program():
+    gm, inputs, shapes = _captured()
+    scripted = export_torchscript(export_program(gm, inputs, shapes), ["x"], ["pooled", "last_hidden_state"])
+    other = torch.randn(3, 4, 8)
+    pooled, hidden = scripted(other)
+    assert torch.allclose(pooled, gm(x=other)["pooled"]) and torch.allclose(hidden, gm(x=other)["last_hidden_state"])
 
 
 def test_prepared_outputs_are_a_plain_dict_in_the_same_order():

@@ -66,14 +66,15 @@ def plain_output_spec(spec: pytree.TreeSpec) -> pytree.TreeSpec:
     with warnings.catch_warnings():  # unflattening a ModelOutput of int leaves is harmless
         warnings.simplefilter("ignore")
         tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
-    plain = _plain(tree)
+    plain = plain_tree(tree)
     leaves, new_spec = pytree.tree_flatten(plain)
     return new_spec if leaves == list(range(spec.num_leaves)) else spec
 
 
-def _plain(tree: Any) -> Any:
+def plain_tree(tree: Any) -> Any:
+    """`tree` with mappings as dicts and tuple subclasses as tuples: containers every pytree version keys."""
     if isinstance(tree, Mapping):
-        return {key: _plain(value) for key, value in tree.items()}
+        return {key: plain_tree(value) for key, value in tree.items()}
     if isinstance(tree, (tuple, list)):
-        return type(tree)(map(_plain, tree)) if type(tree) in (tuple, list) else tuple(map(_plain, tree))
+        return type(tree)(map(plain_tree, tree)) if type(tree) in (tuple, list) else tuple(map(plain_tree, tree))
     return tree

@@ -41,6 +41,8 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
+from .prepare import plain_tree
+
 __all__ = ["export_torchscript"]
 
 _DROPPED = {
@@ -108,7 +110,8 @@ def export_torchscript(
 
 def _leaf_names(spec: pytree.TreeSpec) -> list[str | None]:
     """The key (dict key or attribute name) under which each flat leaf of ``spec`` sits, or None."""
-    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    # Mappings are read as plain dicts: transformers 4.57 registers ModelOutput without a keys function.
+    tree = plain_tree(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))
     names: list[str | None] = [None] * spec.num_leaves
     for key_path, idx in pytree.tree_flatten_with_path(tree)[0]:
         last = key_path[-1] if key_path else None
