@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import UserError
+from ..staging import make_staging, sweep_stale
 
 STAGING_PREFIX = ".fxadapt-save-"
 
@@ -35,8 +35,8 @@ def write_into(directory: Path, path: str, known: Iterable[str], last: str) -> I
     created = _missing_parents(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _sweep_stale(directory)
-        stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=directory))
+        sweep_stale(directory, STAGING_PREFIX)
+        stage = make_staging(directory, STAGING_PREFIX)
     except OSError as exc:
         _remove_created(created)
         raise UserError(f"{path}: cannot write into {directory} ({exc.strerror or exc}); choose a writable "
@@ -83,21 +83,3 @@ def _remove_created(created: list[Path]) -> None:
 def _rmdir_if_empty(directory: Path) -> None:
     with contextlib.suppress(OSError):
         directory.rmdir()
-
-
-def _sweep_stale(directory: Path) -> None:
-    """Remove staging directories left by a save that was killed (their process no longer runs)."""
-    for stale in directory.glob(f"{STAGING_PREFIX}*"):
-        pid = stale.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
