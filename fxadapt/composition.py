@@ -1,40 +1,56 @@
-"""Composition blocks of the spec's `"active"`, parsed and validated with the reference's rules.
+"""Composition blocks: the one Block type, the reference's block constructors over it, and the spec's
+`"active"` parsed and validated with the reference's rules.
 
     "a"                                         a single adapter (the reference wraps it in Stack)
-    {"stack": [...]}                            sequential
-    {"parallel": [...]}                         batch replicated N times, child i on copy i
-    {"fuse": [...], "name": "f"?}               AdapterFusion over the children's outputs
-    {"split": [...], "splits": [..] | n}        sequence split
-    {"batch_split": [...], "batch_sizes": [..] | n}
-    {"average": [...], "weights": [...]?, "normalize_weights": true?}
-    {"multi_task": [...]}                       per-row `task_ids` input
+    {"stack": [...]}                            sequential                          Stack("a", "b")
+    {"parallel": [...]}                         batch replicated N times            Parallel("a", "b")
+    {"fuse": [...], "name": "f"?}               AdapterFusion over the children     Fuse("a", "b", name=None)
+    {"split": [...], "splits": [..] | n}        sequence split                      Split("a", "b", splits=[..])
+    {"batch_split": [...], "batch_sizes": [..] | n}                                 BatchSplit(..., batch_sizes=..)
+    {"average": [...], "weights": [...]?, "normalize_weights": true?}               Average(..., weights=None)
+    {"multi_task": [...]}                       per-row `task_ids` input            MultiTask("a", "b")
 
-Nesting follows `adapters.composition.ALLOWED_NESTINGS`; below the top level only Stack may hold
-blocks beyond depth 1 (the reference's `validate_composition`). Errors name the JSON path and rule.
+The compiler (passes/lower_composition.py, fxadapt/compose/) and the Python API (`fxadapt.Stack`, ...,
+`model.active_adapters`) share `Block`; `Stack`, `Fuse`, ... only give it the constructor signatures of
+`adapters.composition` 1.3.0, and a parsed setup is built from them too. Nesting follows the
+reference's `ALLOWED_NESTINGS`; below the top level only Stack may hold blocks beyond depth 1 (its
+`validate_composition`). Errors name the JSON path and rule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import KeysView, Sequence
 from typing import Any
 
 from .errors import UserError
 
 
-@dataclass
-class Block:
-    kind: str
-    children: list[Block | str]
-    path: str
-    splits: list[int] = field(default_factory=list)  # split / batch_split sizes
-    weights: list[float] = field(default_factory=list)  # average, normalized as the reference does
-    name: str | None = None  # fuse
+class Block(Sequence):
+    """A composition block: its `kind` (a key of KINDS) and `children` (adapter names or blocks), with the sizes
+    of a split / batch_split (`splits`), the weights of an average (normalized as the reference does) and the
+    name a fuse block was given. `path` is the JSON path (or Python call) errors name."""
 
-    def flatten(self) -> list[str]:
+    def __init__(self, kind: str, children: list[Block | str], path: str = "", splits: list[int] | None = None,
+                 weights: list[float] | None = None, name: str | None = None) -> None:
+        for child in children:
+            if not isinstance(child, str | Block):
+                raise UserError(f"{_CLASS_NAMES.get(kind, kind)}(...): a child must be an adapter name or a block "
+                                f"such as Stack(\"a\", \"b\"), got {child!r}.")
+        self.kind, self.children, self.path = kind, list(children), path
+        self.splits: list[int] = list(splits or [])
+        self.weights: list[float] = list(weights or [])
+        self.given_name = name  # fuse: the name it was given, else None (the fusion is then named by its children)
+
+    def _names(self) -> list[str]:
         names: list[str] = []
         for child in self.children:
-            names += child.flatten() if isinstance(child, Block) else [child]
+            names += child._names() if isinstance(child, Block) else [child]
         return names
+
+    def flatten(self) -> KeysView[str]:
+        """The adapter names anywhere in the block, each once, in order of first appearance: iterable in order
+        (the compiler's order of adapters) and equal to a set (the reference's `flatten()` returns one)."""
+        return dict.fromkeys(self._names()).keys()
 
     def first(self) -> str:
         child = self.children[0]
@@ -46,22 +62,98 @@ class Block:
 
     @property
     def fusion_name(self) -> str:
-        return self.name or ",".join(c if isinstance(c, str) else c.last() for c in self.children)
+        """A fuse block's AdapterFusion: its given name, or the children's (last) adapter names joined by ","."""
+        return self.given_name or ",".join(c if isinstance(c, str) else c.last() for c in self.children)
+
+    @property
+    def name(self) -> str | None:
+        """As the reference's `Fuse.name`: a fuse block's fusion name; other blocks have none."""
+        return self.fusion_name if self.kind == "fuse" else self.given_name
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """A batch_split's sizes (the reference's attribute name; stored as `splits`)."""
+        return self.splits
+
+    @property
+    def parallel_channels(self) -> int:
+        return parallel_channels(self)
+
+    def __getitem__(self, key):
+        return self.children[key]
+
+    def __len__(self) -> int:
+        return len(self.children)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Block) and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+    def __repr__(self) -> str:
+        return f"{_CLASS_NAMES.get(self.kind, self.kind)}[{', '.join(map(str, self.children))}]"
 
     def to_json(self) -> Any:
+        """The spec's JSON form, e.g. {"stack": ["a", {"parallel": ["b", "c"]}]}."""
         data: dict[str, Any] = {self.kind: [c.to_json() if isinstance(c, Block) else c for c in self.children]}
         if self.kind == "split":
             data["splits"] = self.splits
         if self.kind == "batch_split":
             data["batch_sizes"] = self.splits
-        if self.kind == "average":
-            data["weights"] = self.weights
-        if self.kind == "fuse" and self.name:
-            data["name"] = self.name
+        if self.kind == "average":  # weights are stored normalized (or as given with normalize_weights=False)
+            data.update(weights=self.weights, normalize_weights=False)
+        if self.kind == "fuse" and self.given_name:
+            data["name"] = self.given_name
         return data
 
 
-KINDS = ("stack", "parallel", "fuse", "split", "batch_split", "average", "multi_task")
+# The reference's constructors (adapters.composition): each only fills in Block's fields.
+class Stack(Block):
+    def __init__(self, *children: str | Block) -> None:
+        super().__init__("stack", list(children), "Stack(...)")
+
+
+class Parallel(Block):
+    def __init__(self, *children: str | Block) -> None:
+        super().__init__("parallel", list(children), "Parallel(...)")
+
+
+class Fuse(Block):
+    def __init__(self, *children: str | Block, name: str | None = None) -> None:
+        super().__init__("fuse", list(children), "Fuse(...)", name=name)
+
+
+class Split(Block):
+    def __init__(self, *children: str | Block, splits: list[int] | int) -> None:
+        sizes = splits if isinstance(splits, list) else [splits] * len(children)
+        super().__init__("split", list(children), "Split(...)", splits=sizes)
+
+
+class BatchSplit(Block):
+    def __init__(self, *children: str | Block, batch_sizes: list[int] | int) -> None:
+        sizes = batch_sizes if isinstance(batch_sizes, list) else [batch_sizes] * len(children)
+        super().__init__("batch_split", list(children), "BatchSplit(...)", splits=sizes)
+
+
+class Average(Block):
+    def __init__(self, *children: str | Block, weights: list[float] | None = None,
+                 normalize_weights: bool = True) -> None:
+        super().__init__("average", list(children), "Average(...)", weights=_weights(weights, len(children),
+                                                                                     normalize_weights))
+
+
+class MultiTask(Block):
+    """Row r of the batch goes through child `task_ids[r]` (pass `task_ids` to the model's forward)."""
+
+    def __init__(self, *children: str | Block) -> None:
+        super().__init__("multi_task", list(children), "MultiTask(...)")
+
+
+CONSTRUCTORS: dict[str, type[Block]] = {"stack": Stack, "parallel": Parallel, "fuse": Fuse, "split": Split,
+                                        "batch_split": BatchSplit, "average": Average, "multi_task": MultiTask}
+_CLASS_NAMES = {kind: cls.__name__ for kind, cls in CONSTRUCTORS.items()}
+KINDS = tuple(CONSTRUCTORS)
 ALLOWED_NESTINGS: dict[str, tuple[str, ...]] = {
     "stack": ("str", "fuse", "split", "parallel", "batch_split", "average", "multi_task"),
     "fuse": ("str", "stack"),
@@ -73,6 +165,38 @@ ALLOWED_NESTINGS: dict[str, tuple[str, ...]] = {
 }
 _EXTRA_KEYS = {"split": {"splits"}, "batch_split": {"batch_sizes"}, "average": {"weights", "normalize_weights"},
                "fuse": {"name"}}
+
+
+def _weights(weights: list[float] | None, count: int, normalize: bool) -> list[float]:
+    """An average's weights as the reference keeps them: 1/n each by default, else normalized to sum 1 unless
+    `normalize_weights` is false."""
+    if weights is None:
+        return [1 / count] * count if count else []
+    if normalize:
+        total = sum(weights) or 1
+        weights = [w / total for w in weights]
+    return [float(w) for w in weights]
+
+
+def _build(kind: str, children: list[Block | str], value: dict[str, Any], path: str) -> Block:
+    """The block of `kind` for a (checked) JSON object, as an instance of its constructor class (Stack, ...), so
+    a parsed setup and one built in Python are alike (isinstance(block, Fuse) holds for both)."""
+    sizes = value.get("splits" if kind == "split" else "batch_sizes")
+    if isinstance(sizes, int):
+        sizes = [sizes] * len(children)
+    block = object.__new__(CONSTRUCTORS[kind])  # Block's own __init__: the constructors' signatures lack path
+    Block.__init__(block, kind, children, path, sizes if kind in ("split", "batch_split") else None,
+                   _weights(value.get("weights"), len(children), value.get("normalize_weights", True))
+                   if kind == "average" else None, str(value["name"]) if kind == "fuse" and "name" in value else None)
+    return block
+
+
+def from_json(value: Any) -> Block | str:
+    """A setup in the spec's JSON form (or a Block) as a Block, without checking names or nesting."""
+    if isinstance(value, str | Block):
+        return value
+    kind = next(k for k in value if k in KINDS)
+    return _build(kind, [from_json(c) for c in value[kind]], value, "")
 
 
 def parse_composition(value: Any, adapters: set[str], path: str = "$.active", level: int = 0) -> Block | str:
@@ -106,7 +230,6 @@ def parse_composition(value: Any, adapters: set[str], path: str = "$.active", le
             raise UserError(f"{child_path}: cannot nest {child_kind} inside {kind}; {kind} may hold "
                             f"{', '.join(ALLOWED_NESTINGS[kind])} (the reference's nesting rules).")
         children.append(child)
-    block = Block(kind, children, path)
     if kind in ("split", "batch_split"):
         key = "splits" if kind == "split" else "batch_sizes"
         sizes = value.get(key)
@@ -116,22 +239,12 @@ def parse_composition(value: Any, adapters: set[str], path: str = "$.active", le
                 isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
             raise UserError(f"{path}.{key}: expected one positive integer per child ({len(children)}) or one "
                             "integer for all.")
-        block.splits = sizes
-    elif kind == "average":
-        weights = value.get("weights")
-        if weights is None:
-            block.weights = [1 / len(children)] * len(children)
-        else:
-            if not isinstance(weights, list) or len(weights) != len(children) or not all(
-                    isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
-                raise UserError(f"{path}.weights: expected one number per child ({len(children)}).")
-            if value.get("normalize_weights", True):
-                total = sum(weights) or 1
-                weights = [w / total for w in weights]
-            block.weights = [float(w) for w in weights]
-    elif kind == "fuse" and "name" in value:
-        block.name = str(value["name"])
-    return block
+    elif kind == "average" and value.get("weights") is not None:
+        weights = value["weights"]
+        if not isinstance(weights, list) or len(weights) != len(children) or not all(
+                isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
+            raise UserError(f"{path}.weights: expected one number per child ({len(children)}).")
+    return _build(kind, children, value, path)
 
 
 def check_sizes(block: Block | str, batch: int | None, seq: int | None) -> None:

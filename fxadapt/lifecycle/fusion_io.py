@@ -59,7 +59,7 @@ class FusionMixin:
         AdapterFusionConfig dict), initialised as the reference's; `set_active` activates Fuse(*adapter_names)."""
         path = f"add_adapter_fusion({adapter_names!r})"
         if isinstance(adapter_names, Fuse):
-            name = name or adapter_names._name
+            name = name or adapter_names.given_name
             children = adapter_names.children
         elif isinstance(adapter_names, str):
             children = adapter_names.split(",")
