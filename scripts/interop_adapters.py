@@ -7,12 +7,12 @@ PEFT) and give the same outputs.
 
 The save step trains each adapter for a few SGD steps on random data (so no weight is at its
 initial value), saves it with `AdaptedModel.save_adapter` and writes the inputs and fxadapt's outputs
-to DIR/io.safetensors. The check step loads every adapter into the reference (`load_adapter(DIR,
-use_safetensors=True)`; PEFT: `PeftModel.from_pretrained(model, DIR/peft)`), recomputes the three
-`average_adapter` strategies inside `adapters` from the two saved inputs, loads the composition cases'
-adapters (and their fusion, `load_adapter_fusion(DIR, use_safetensors=True)`) and activates the same
-block there, and prints the max abs error per case; it exits 1 above the tolerance (1e-5). Base models
-are the tiny reference fixtures.
+to DIR/io.safetensors. The check step loads every adapter into the reference with its plain default
+calls (`load_adapter(DIR)`, which reads `pytorch_adapter.bin`; PEFT: `PeftModel.from_pretrained(model,
+DIR/peft)`), recomputes the three `average_adapter` strategies inside `adapters` from the two saved
+inputs, loads the composition cases' adapters (and their fusion, `load_adapter_fusion(DIR)`) and
+activates the same block there, and prints the max abs error per case; it exits 1 above the tolerance
+(1e-5). Base models are the tiny reference fixtures.
 """
 
 from __future__ import annotations
@@ -190,25 +190,25 @@ def _reference_output(case: dict, layout: str, directory: Path, inputs: dict):
         model = peft.PeftModel.from_pretrained(base, directory / case["name"] / "peft").eval()
     elif case.get("head"):
         model = adapters.AutoAdapterModel.from_pretrained(model_dir).eval()
-        name = model.load_adapter(str(directory / case["name"]), use_safetensors=True)
+        name = model.load_adapter(str(directory / case["name"]))
         model.set_active_adapters(name)
     else:
         model = transformers.AutoModel.from_pretrained(model_dir).eval()
         adapters.init(model)
         if layout == "composition":
             for name in case["adapters"]:
-                model.load_adapter(str(directory / case["name"] / name), use_safetensors=True)
+                model.load_adapter(str(directory / case["name"] / name))
             for fusion in case["fusions"]:
-                model.load_adapter_fusion(str(directory / case["name"] / fusion), use_safetensors=True)
+                model.load_adapter_fusion(str(directory / case["name"] / fusion))
             model.set_active_adapters(_reference_block(case["setup"]))
         elif layout == "average":
             for name in case["inputs"]:
-                model.load_adapter(str(directory / name), use_safetensors=True)
+                model.load_adapter(str(directory / name))
             model.average_adapter("avg", case["inputs"], weights=AVERAGE_WEIGHTS, combine_strategy=case["strategy"],
                                   svd_rank=case["svd_rank"])
             model.set_active_adapters("avg")
         else:
-            model.set_active_adapters(model.load_adapter(str(directory / case["name"]), use_safetensors=True))
+            model.set_active_adapters(model.load_adapter(str(directory / case["name"])))
     model.eval()
     with torch.no_grad():
         return getattr(model(**inputs), case["field"])
