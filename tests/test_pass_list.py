@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch import fx
 
+import fxadapt
+from conftest import REFERENCE
 from fxadapt import pass_list, pipeline
+from fxadapt.lifecycle.base_graph import capture_base
 from fxadapt.pass_checks import OutputsChanged
 from fxadapt.passes.manager import PassError, PassResult
 from fxadapt.spec import parse_spec
@@ -79,3 +82,20 @@ def test_debug_env_var_checks_rewrite_passes_run(monkeypatch):
         pipeline.build("builtin:tiny-bert", parse_spec(LORA))
     monkeypatch.setenv(pass_list.DEBUG_ENV, "0")
     assert pipeline.build("builtin:tiny-bert", parse_spec(LORA)).pass_counts["breaks"] == 1  # unchecked
+
+
+def test_python_api_compile_runs_the_same_list_and_debug_mode(tmp_path, monkeypatch):
+    """AdaptedModel.compile: the same passes under the same names as the CLI, checked after each (env var)."""
+    model = fxadapt.AdaptedModel(*capture_base(str(REFERENCE / "models" / "bert")))
+    for name in ("a", "b"):
+        model.add_adapter(name, "lora[r=4,alpha=8,init_weights='bert']")
+    model.set_active_adapters(fxadapt.Stack("a", "b"))
+    monkeypatch.setenv(pass_list.DEBUG_ENV, "1")
+    result = model.compile(tmp_path / "out", formats=("onnx",))
+    assert result.ok
+    assert list(result.pass_counts) == ["lower_composition", "merge_lora", "eliminate_dead_code"]
+    assert result.pass_counts["lower_composition"] > 0
+    wrong = pass_list.Step("scales_outputs", _scales_first_output)
+    monkeypatch.setattr(pass_list, "OPTIMIZE", [*pass_list.OPTIMIZE, wrong])
+    with pytest.raises(OutputsChanged, match="pass 'scales_outputs'"):
+        model.compile(tmp_path / "out2", formats=("onnx",))
