@@ -2,15 +2,18 @@
 
 Exit codes (DESIGN.md): 0 ok, 2 user error (one-paragraph message, no traceback), 3 verification
 above tolerance (artifacts kept), 1 a bug in fxadapt. Heavy imports happen inside the commands so
-`--help` is fast.
+`--help` is fast. `compile --debug` or FXADAPT_DEBUG=1 checks the graph after every pass
+(fxadapt/pass_checks.py); FXADAPT_DEBUG=1 also lets a bug's exception propagate with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -160,6 +163,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     debug = os.environ.get("FXADAPT_DEBUG") == "1"
+    previous = _terminate_like_interrupt()
     try:
         return args.run(args)
     except UserError as exc:
@@ -176,6 +180,21 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         _say("error: this is a bug in fxadapt; please report it with the traceback above.")
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_like_interrupt():
+    """SIGTERM (what `docker stop`, `kill` and CI timeouts send) unwinds like Ctrl-C, so staging directories
+    are removed and nothing half-written is published. Returns the previous handler (None off the main thread,
+    where Python cannot install handlers)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":
