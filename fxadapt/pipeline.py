@@ -11,16 +11,16 @@
 The pass order and the reasons for it are in fxadapt/pass_list.py (the one list, shared with the Python
 API). Debug mode (`debug=True`, `--debug`, FXADAPT_DEBUG=1) checks after every pass: the graph runs after
 each rewrite pass, the outputs stay within tolerance after each optimize pass (fxadapt/pass_checks.py).
-`compile_model` writes into a temporary directory beside OUT and renames it at the end, so a user
-error leaves nothing behind; a verification failure keeps the artifacts (exit 3 from the CLI).
+`compile_model` stages its files and publishes them into OUT at the end (fxadapt/publish.py: report.json
+last, symlinks replaced, one compile per OUT at a time), so a user error leaves nothing behind; a
+verification failure keeps the artifacts (exit 3 from the CLI). report.json is strict JSON.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +32,8 @@ from torch import fx
 
 from . import __version__, pass_checks, pass_list
 from .capture import Captured, capture, flatten_outputs
-from .errors import UserError
 from .export.verify import OutputError, compare
+from .publish import Publication
 from .sites import SiteMap, find_sites
 from .spec import Spec
 
@@ -164,9 +164,7 @@ def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, forma
     """The whole pipeline; writes OUT/model.onnx (etc.) and OUT/report.json. `built` is an already captured
     and rewritten graph (AdaptedModel.compile); `model` is then only its description. `debug` (default:
     FXADAPT_DEBUG=1) checks the graph after every pass and names the first pass that changes the outputs."""
-    out_dir = Path(out_dir)
-    staging = _staging_dir(out_dir)
-    try:
+    with (publication := Publication(Path(out_dir))) as staging:
         result = built if built is not None else build(model, spec, task=task, progress=progress, debug=debug)
         shapes = verification_shapes(result.captured)
         with torch.no_grad():
@@ -177,10 +175,7 @@ def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, forma
         optimize(result, spec, progress, check=check)
         _export_all(result, spec, formats, staging, shapes, references, tolerance, progress)
         _write_report(result, spec, staging, tolerance)
-        _publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        publication.commit()
     return result
 
 
@@ -269,27 +264,16 @@ def report_json(result: Result, spec: Spec, tolerance: tuple[float, float]) -> d
 
 
 def _write_report(result: Result, spec: Spec, staging: Path, tolerance: tuple[float, float]) -> None:
-    (staging / "report.json").write_text(json.dumps(report_json(result, spec, tolerance), indent=2) + "\n")
+    # Strict JSON (no bare NaN/Infinity tokens, which strict parsers reject): a non-finite number is null.
+    report = json.dumps(_finite(report_json(result, spec, tolerance)), indent=2, allow_nan=False)
+    (staging / "report.json").write_text(report + "\n")
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    """A fresh temporary directory beside OUT; fails early and clearly when OUT is not writable."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output {out_dir} exists and is not a directory; choose another -o path.")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.fxadapt-", dir=out_dir.parent))
-    except OSError as exc:
-        raise UserError(f"cannot write the output directory {out_dir} ({exc.strerror}); choose a writable "
-                        "-o path.") from None
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Move the finished artifacts into OUT, replacing earlier files of the same names only."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        target = out_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.replace(target)
-    staging.rmdir()
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

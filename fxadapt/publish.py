@@ -4,9 +4,9 @@
         ... write model.onnx, report.json, ... into staging ...
         publication.commit()                  # files move into OUT, report.json last
 
-- Staging lives inside OUT when OUT exists, else in OUT's nearest existing ancestor when that is writable,
-  else in the system temporary directory; a move across filesystems (a mounted OUT) falls back to copying
-  into a hidden file inside OUT and renaming it there, so each artifact still appears atomically.
+- Staging lives inside OUT when OUT exists, else in OUT's nearest existing ancestor (an unwritable one is an
+  error before the build starts); a move across filesystems (a mounted OUT) falls back to copying into a
+  hidden file inside OUT and renaming it there, so each artifact still appears atomically.
 - Nothing is created before `commit`: a failed build leaves no OUT, no parent directories, no staging.
 - Targets are replaced without following symlinks (a link at OUT/model.onnx is replaced, its target kept).
 - report.json moves last, so a report always describes the artifacts beside it.
@@ -96,10 +96,16 @@ def _lock(out: Path) -> int:
 
 
 def _staging_home(out: Path) -> Path:
-    if out.is_dir():
-        return out
-    ancestor = next(p for p in out.parents if p.exists())
-    return ancestor if os.access(ancestor, os.W_OK | os.X_OK) else Path(tempfile.gettempdir())
+    """OUT when it exists, else its nearest existing ancestor (where OUT will be created): checked before the
+    build, so that an unwritable -o fails at once instead of after minutes of exporting."""
+    home = out if out.is_dir() else next(p for p in out.parents if p.exists() or p.is_symlink())
+    if not home.is_dir():
+        raise UserError(f"cannot create the output directory {out}: {home} is not a directory; choose a writable "
+                        "-o path.")
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the output directory {out}: {home} is not writable; choose a writable "
+                        "-o path.")
+    return home
 
 
 def _move(item: Path, target: Path) -> None:

@@ -86,17 +86,15 @@ def test_report_moves_last(tmp_path, monkeypatch):
     assert order[-1] == "report.json" and set(order) == {"model.onnx", "z.bin", "report.json"}
 
 
-def test_staging_avoids_an_unwritable_ancestor(tmp_path, monkeypatch):
-    """A new OUT under a directory the user cannot write: staging goes to the temporary directory instead."""
+def test_an_unwritable_or_non_directory_ancestor_fails_before_the_build(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a directory"), Publication(tmp_path / "file" / "out"):
+        pytest.fail("the build must not start")
     real = os.access
     monkeypatch.setattr(publish.os, "access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode))
-    monkeypatch.setattr(publish.tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    with (p := Publication(tmp_path / "out")) as staging:
-        assert staging.parent == tmp_path / "tmp"
-        _build(staging)
-        p.commit()
-    assert (tmp_path / "out" / "model.onnx").read_text() == "new"
+    with pytest.raises(UserError, match="not writable"), Publication(tmp_path / "new" / "out"):
+        pytest.fail("the build must not start")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_cross_filesystem_moves_fall_back_to_copy_and_rename(tmp_path, monkeypatch):
