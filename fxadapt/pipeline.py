@@ -31,7 +31,9 @@ import torch
 from torch import fx
 
 from . import __version__, pass_checks, pass_list
-from .capture import Captured, capture, flatten_outputs
+from .capture import Captured, capture, export_program, flatten_outputs
+from .compose.task_inputs import with_task_ids
+from .composition import check_sizes, multi_task_children, pinned_dims, setup_dynamic_shapes
 from .export.verify import OutputError, compare
 from .publish import Publication
 from .sites import SiteMap, find_sites
@@ -111,20 +113,14 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
     the graph is run on the example inputs after every rewrite pass."""
     timings: dict[str, float] = {}
     stage = _Timer(timings, progress)
-    from .composition import multi_task_children, pinned_dims, setup_dynamic_shapes
-
     pins = pinned_dims(spec.setup)
     tasks = multi_task_children(spec.setup)
     if tasks:  # MultiTask routes rows by a task_ids input: capture the model with it
-        from .compose.task_inputs import with_task_ids
-
         model, example_inputs = with_task_ids(model, example_inputs, task, tasks)
         pins.setdefault("seq", next(iter(example_inputs.values())).shape[1])  # captured from given inputs
     with stage("capture", "capturing the model with torch.export"):
         captured = capture(model, example_inputs, task=task, **pins)
     if spec.setup is not None:
-        from .composition import check_sizes
-
         first = next(iter(captured.example_inputs.values()))
         check_sizes(spec.setup, first.shape[0], first.shape[1] if first.dim() > 1 else None)
     gm = captured.module
@@ -187,7 +183,7 @@ def _check(result: Result, artifact: str, run: Callable[[dict], list], shapes, r
 
 
 def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, references, tolerance, progress) -> None:
-    from .capture import export_program
+    # Imported here: the exporters pull in onnx / onnxscript, which `build` and `fxadapt sites` never need.
     from .export.onnx import export_onnx, run_onnx
     from .export.prepare import for_export
 

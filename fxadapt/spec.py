@@ -21,6 +21,9 @@ from types import ModuleType
 from typing import Any
 
 from . import checkpoints, methods
+from .compose.fusion_spec import parse_fusions
+from .compose.rules import check_setup
+from .composition import parse_composition
 from .errors import UserError
 from .methods import union
 from .methods.base import MethodConfig
@@ -90,9 +93,6 @@ def parse_spec(data: Any, base_dir: Path = Path(".")) -> Spec:
     if not isinstance(raw_adapters, dict) or not raw_adapters:
         raise UserError("$.adapters: expected a non-empty object mapping adapter names to definitions.")
     adapters = {name: _adapter(name, value, f"$.adapters.{name}", base_dir) for name, value in raw_adapters.items()}
-    from .compose.fusion_spec import parse_fusions
-    from .composition import parse_composition
-
     setup = None
     if isinstance(data.get("active"), dict):  # a composition block (fxadapt/composition.py)
         setup = parse_composition(data["active"], set(adapters))
@@ -106,8 +106,6 @@ def parse_spec(data: Any, base_dir: Path = Path(".")) -> Spec:
         optimize[key] = value
     spec = Spec(adapters, active, optimize, setup, fusions)
     if setup is not None:
-        from .compose.rules import check_setup
-
         check_setup(spec)
     return spec
 

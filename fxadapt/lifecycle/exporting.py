@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from .. import pass_list
 from ..capture import Captured, export_program
+from ..composition import multi_task_children, pinned_dims, setup_dynamic_shapes
 from ..pipeline import Result, compile_model
 from ..spec import Spec
 from .base_graph import unlock_modes
@@ -77,8 +78,6 @@ def _for_setup(info: dict, setup) -> dict:
     """The capture's fields with the example inputs and dynamic dims a composition setup needs (see above)."""
     if setup is None:
         return info
-    from ..composition import multi_task_children, pinned_dims, setup_dynamic_shapes
-
     info = dict(info)
     shapes = setup_dynamic_shapes(info["dynamic_shapes"], setup)
     example = dict(info["example_inputs"])

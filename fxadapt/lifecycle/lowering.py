@@ -32,10 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils import _pytree as pytree
 
 from .. import meta, pass_list
 from ..compose.fusion import Fusion
 from ..compose.fusion_spec import FusionDef
+from ..compose.rules import check_setup
 from ..composition import Block, multi_task_children
 from ..errors import UserError
 from ..graph_edit import slug
@@ -108,8 +111,6 @@ def _bind_composed(gm: fx.GraphModule, placements: list[Placement], holder: nn.M
 
 def composition_spec(defs: dict[str, AdapterDef], setup: Block, fusions: list[FusionDef]) -> Spec:
     """The Spec of a composition setup over the registry's adapters (checked by compose/rules.check_setup)."""
-    from ..compose.rules import check_setup
-
     names = list(dict.fromkeys(setup.flatten()))
     # Weights come from the registry, never from a checkpoint directory here.
     spec = Spec({n: dataclasses.replace(defs[n], load=None) for n in names}, names, {"merge_lora": False}, setup,
@@ -149,9 +150,6 @@ def _insert(gm: fx.GraphModule, defs: dict[str, AdapterDef], names: list[str], h
 def add_task_ids_input(gm: fx.GraphModule) -> None:
     """A `task_ids` model input after the captured ones (MultiTask routes row r to child task_ids[r]), with
     the pytree signature of the captured module extended to match."""
-    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-    from torch.utils import _pytree as pytree
-
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with gm.graph.inserting_after(placeholders[-1]):
         gm.graph.placeholder("task_ids")
