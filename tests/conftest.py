@@ -21,8 +21,35 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The reference cases the fast tier (`pytest -m "not slow"`) runs: one per method and one per composition block
+# (methods in config variants once: VeRA for VeRA/DVoRA, LoReFT for the ReFT family), on BERT unless a decoder
+# is the point. Every other case, including any added later, is marked slow; the full suite runs them all.
+FAST_REFERENCE_CASES = frozenset({
+    # bottleneck family
+    "bert__seq_bn", "gpt2__double_seq_bn", "bert__par_bn", "bert__scaled_par_bn", "bert__seq_bn_gating",
+    "bert__adapterplus", "bert__compacter", "gpt2__compacterpp", "bert__seq_bn_inv",
+    # LoRA family, PEFT checkpoints
+    "llama__lora_all", "bert__ia3", "bert_seqcls__vera", "bert__dora", "bert__lora_gating", "bert__mtl_lora_gating",
+    "bert__peft_lora",
+    # prefix, prompt, ReFT, unions
+    "bert__prefix_tuning", "bert__prompt_tuning", "bert__loreft", "bert__unipelt",
+    # composition blocks
+    "bert__stack_bn", "llama__parallel_lora", "bert__fuse", "bert__split_bn", "bert__batch_split_lora",
+    "bert__average_bn", "bert__multi_task_lora",
+})
+
+
 def reference_cases() -> list[str]:
     return sorted(p.name for p in (REFERENCE / "cases").iterdir() if p.is_dir())
+
+
+def reference_case_params() -> list:
+    """reference_cases() as pytest parameters, all but FAST_REFERENCE_CASES marked slow."""
+    cases = reference_cases()
+    missing = sorted(FAST_REFERENCE_CASES - set(cases))
+    if missing:  # a renamed or removed fixture must not silently drop a method or block from the fast tier
+        raise LookupError(f"FAST_REFERENCE_CASES names no fixture {missing}: pick another representative")
+    return [pytest.param(c, marks=() if c in FAST_REFERENCE_CASES else pytest.mark.slow) for c in cases]
 
 
 def load_case(name: str) -> tuple[dict, dict]:

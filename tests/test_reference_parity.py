@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import reference_cases
+from conftest import reference_case_params
 from reference_eval import evaluate_case
 
 ATOL = 1e-5
 
 
-@pytest.mark.parametrize("case", reference_cases())
+@pytest.mark.parametrize("case", reference_case_params())
 def test_reference_fixture(case, tmp_path, record_property):
     result, errors, change = evaluate_case(case, tmp_path / "out", ATOL)
     for fmt, (err, _) in errors.items():  # in the JUnit XML, for reports (pytest --junitxml)
