@@ -7,7 +7,9 @@ every node's metadata (`nn_module_stack`, `val`), which the site finder and the 
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,16 +96,24 @@ def _max_positions(config: Any) -> int:
 
 
 def input_names_for(model: torch.nn.Module) -> list[str]:
-    """The forward inputs fxadapt feeds: by the model's main input and encoder-decoder structure."""
+    """The forward inputs fxadapt feeds: the model's main input (token ids, pixels, audio features or
+    samples), an attention mask beside token ids, and decoder token ids for an encoder-decoder."""
     params = inspect.signature(model.forward).parameters
     main = getattr(model, "main_input_name", "input_ids")
-    if main == "pixel_values":
-        return ["pixel_values"]
-    names = ["input_ids", "attention_mask"]
+    names = [main, "attention_mask"] if main == "input_ids" else [main]
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         names.append("decoder_input_ids")
     return [n for n in names if n in params]
+
+
+def audio_samples(config: Any) -> int:
+    """A raw-audio length (input_values) that leaves 16 frames after the convolutional front-end."""
+    frames = 16
+    for kernel, stride in reversed(list(zip(getattr(config, "conv_kernel", (400,)),
+                                            getattr(config, "conv_stride", (320,)), strict=False))):
+        frames = (frames - 1) * stride + kernel
+    return frames
 
 
 def make_inputs(names: list[str], config: Any, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -122,22 +132,55 @@ def make_inputs(names: list[str], config: Any, batch: int, seq: int, seed: int =
             size = getattr(config, "image_size", 32)
             channels = getattr(config, "num_channels", 3)
             inputs[name] = torch.randn(batch, channels, size, size, generator=gen)
+        elif name == "input_features":  # log-mel features; Whisper-style encoders need the full window
+            frames = 2 * getattr(config, "max_source_positions", 1500)
+            inputs[name] = torch.randn(batch, getattr(config, "num_mel_bins", 80), frames, generator=gen)
+        elif name == "input_values":  # raw audio samples
+            inputs[name] = torch.randn(batch, audio_samples(config), generator=gen)
     return inputs
 
 
-def dynamic_shapes_for(names: list[str], config: Any) -> dict[str, dict[int, Any]]:
+def sequence_bound(model: torch.nn.Module, config: Any) -> int:
+    """The longest token sequence: the configured positions, less the positions a padding-aware position
+    embedding reserves (RoBERTa-style models count positions from padding_idx + 1)."""
+    bound = _max_positions(config)
+    for name, module in model.named_modules():
+        padding = getattr(module, "padding_idx", None)
+        if isinstance(module, torch.nn.Embedding) and "position" in name.rpartition(".")[2] and padding is not None:
+            bound = min(bound, module.num_embeddings - padding - 1)
+    return bound
+
+
+def dynamic_shapes_for(names: list[str], config: Any, bound: int | None = None) -> dict[str, dict[int, Any]]:
     """Dynamic batch for every input; dynamic sequence (bounded by the model's positions) for token inputs."""
     batch = Dim("batch", min=1, max=4096)
-    seq = Dim("seq", min=1, max=_max_positions(config))
+    seq = Dim("seq", min=1, max=bound or _max_positions(config))
+    decoder_max = getattr(config, "max_target_positions", None) or _max_positions(config)
     shapes: dict[str, dict[int, Any]] = {}
     for name in names:
         if name in ("input_ids", "attention_mask"):
             shapes[name] = {0: batch, 1: seq}
         elif name == "decoder_input_ids":
-            shapes[name] = {0: batch, 1: Dim("decoder_seq", min=1, max=_max_positions(config))}
+            shapes[name] = {0: batch, 1: Dim("decoder_seq", min=1, max=decoder_max)}
         else:
             shapes[name] = {0: batch}
     return shapes
+
+
+def use_exportable_experts(model: torch.nn.Module) -> None:
+    """Mixture-of-experts layers in plain ATen ops: transformers 5.x runs experts through its own
+    `grouped_mm` kernel op, which no exporter (ONNX, TorchScript) knows; `batched_mm` computes the same
+    sums with batched matmuls. transformers 4.57 has no switch (and no such op)."""
+    get = getattr(model, "get_experts_implementation", None)
+    if get is None:
+        return
+    try:
+        current = get()
+    except Exception:  # a model without experts may refuse the question
+        return
+    values = current.values() if isinstance(current, dict) else [current]
+    if any(value == "grouped_mm" for value in values):
+        model.set_experts_implementation("batched_mm")
 
 
 def output_names_of(outputs: Any) -> list[str]:
@@ -155,8 +198,58 @@ def export_program(module: torch.nn.Module, inputs: dict[str, torch.Tensor],
     try:
         return torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"torch.export could not capture {type(module).__name__}: {first}") from exc
+        raise UserError(_capture_failure(module, exc)) from exc
+
+
+def _capture_failure(module: torch.nn.Module, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"torch.export could not capture {type(module).__name__}: {first}"
+
+
+def export_refining_dims(module: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                         dynamic_shapes: dict[str, dict[int, Any]]
+                         ) -> tuple[torch.export.ExportedProgram, dict[str, dict[int, Any]]]:
+    """`export_program`, narrowed where the model's code constrains a dynamic dim (GPT-Neo's local attention
+    guards `seq != max`): the dims torch.export suggests, or the bound less the value a guard excludes.
+    Returns the program and the dims it was captured with."""
+    for _ in range(3):
+        try:
+            return torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes,
+                                       strict=False), dynamic_shapes
+        except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
+            refined = _refined_dims(str(exc), dynamic_shapes)
+            if refined is None or refined == dynamic_shapes:
+                raise UserError(_capture_failure(module, exc)) from exc
+            dynamic_shapes = refined
+    return export_program(module, inputs, dynamic_shapes), dynamic_shapes
+
+
+def _refined_dims(message: str, shapes: dict[str, dict[int, Any]]) -> dict[str, dict[int, Any]] | None:
+    if "Constraints violated" not in message:
+        return None
+    if "Suggested fixes:" in message:
+        from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+        try:
+            refined = refine_dynamic_shapes_from_suggested_fixes(message, shapes)
+        except Exception:  # an unparsable suggestion: report the original failure
+            return None
+        # A dim specialized to a constant is static: leave it out, as for a dim never made dynamic.
+        return {name: {d: v for d, v in dims.items() if not isinstance(v, int)} for name, dims in refined.items()}
+    excluded = {m.group(1): int(m.group(2)) for m in re.finditer(
+        r"Not all values of (\w+) = .*? satisfy the generated guard .*? != (\d+)", message)}
+    if not excluded:
+        return None
+
+    made: dict[str, Any] = {}  # one new Dim per name, shared by every input that used the old one
+
+    def narrowed(dim: Any) -> Any:
+        bound = excluded.get(getattr(dim, "__name__", None))
+        if bound is None or dim.max != bound:
+            return dim
+        return made.setdefault(dim.__name__, Dim(dim.__name__, min=dim.min, max=bound - 1))
+
+    return {name: {d: narrowed(v) for d, v in dims.items()} for name, dims in shapes.items()}
 
 
 def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor] | None = None,
@@ -168,10 +261,11 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = False
+    use_exportable_experts(model)
     if example_inputs is None:
         names = input_names_for(model)
         example_inputs = make_inputs(names, config, batch, seq)
-        shapes = dynamic_shapes_for(names, config)
+        shapes = dynamic_shapes_for(names, config, sequence_bound(model, config))
     else:
         names = list(example_inputs)
         batch_dim = Dim("batch", min=1, max=4096)
@@ -179,9 +273,11 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
     model.eval()
     with torch.no_grad():
         eager = model(**example_inputs)
-    ep = export_program(model, example_inputs, shapes)
+    ep, shapes = export_refining_dims(model, example_inputs, shapes)
+    module = ep.module()
+    canonical_projections(module)
     return Captured(
-        module=ep.module(),
+        module=module,
         input_names=names,
         output_names=output_names_of(eager),
         example_inputs=example_inputs,
@@ -190,6 +286,37 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
         config=config,
         info={"class": type(model).__name__, "base_model_prefix": getattr(model, "base_model_prefix", "")},
     )
+
+
+_TRANSPOSES = {torch.ops.aten.t.default, torch.ops.aten.numpy_T.default}
+_MATMULS = {torch.ops.aten.matmul.default, torch.ops.aten.mm.default}
+
+
+def canonical_projections(gm: fx.GraphModule) -> int:
+    """`matmul(x, W.T)` of a stored 2-D weight W (Falcon's own Linear) rewritten in place as `linear(x, W)`:
+    the same product, in the one spelling the site finder and every method read as a projection. The
+    node keeps its name and metadata; the transpose is dropped when nothing else uses it. Returns the count."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _MATMULS or len(node.args) != 2:
+            continue
+        x, weight_t = node.args
+        if not (isinstance(weight_t, fx.Node) and weight_t.op == "call_function" and weight_t.target in _TRANSPOSES):
+            continue
+        weight = weight_t.args[0]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            continue
+        stored = functools.reduce(getattr, weight.target.split("."), gm)
+        if not isinstance(stored, torch.Tensor) or stored.dim() != 2:
+            continue
+        node.target, node.args = torch.ops.aten.linear.default, (x, weight)
+        node.meta["fxadapt_canonical"] = "matmul(x, W.T) -> linear(x, W)"
+        if not weight_t.users:
+            gm.graph.erase_node(weight_t)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def flatten_outputs(outputs: Any) -> list[torch.Tensor]:

@@ -28,7 +28,6 @@ from torch import fx
 from . import meta
 from .graph_ops import (
     ACTIVATIONS,
-    ADD,
     ADDMM,
     ATTENTION,
     MATMUL,
@@ -42,7 +41,10 @@ from .graph_ops import (
     tensor_inputs,
     weight_node,
 )
+from .residual_walk import next_sublayer_add, residual_add, shape_of
 
+# Scores with a bias folded in: baddbmm(bias, q, k^T) (ALiBi in BLOOM).
+_BADDBMM = {aten.baddbmm.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
 _MAX_WALK = 400
 
@@ -115,11 +117,6 @@ def _layer_prefix(path: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    val = node.meta.get("val")
-    return tuple(val.shape) if val is not None and hasattr(val, "shape") else None
-
-
 def _backtrace(start: fx.Node, stop_ops: set) -> list[tuple[fx.Node, int | None, bool]]:
     """Projections reachable backwards from `start` without crossing a projection or a stop op.
 
@@ -164,25 +161,6 @@ def _forward_projection(start: fx.Node) -> fx.Node | None:
     return None
 
 
-def _forward_residual_add(projection: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    """(add, h, x): the residual add a projection's output flows into through data-movement ops."""
-    node = projection
-    for _ in range(8):
-        users = list(node.users)
-        if len(users) != 1:
-            return None
-        user = users[0]
-        if is_call(user, ADD) and len(user.args) == 2 and all(isinstance(a, fx.Node) for a in user.args):
-            other = user.args[1] if user.args[0] is node else user.args[0]
-            if other is node:
-                return None
-            return user, node, other
-        if not is_call(user, PASS_THROUGH):
-            return None
-        node = user
-    return None
-
-
 def _core_operands(core: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node] | None:
     """(q, k, v, output) operand nodes of an attention core."""
     if is_call(core, ATTENTION):
@@ -195,7 +173,7 @@ def _core_operands(core: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node] |
         if node in seen or node.op != "call_function" or is_projection(node):
             continue
         seen.add(node)
-        if is_call(node, MATMUL) and len(node.args) >= 2:
+        if (is_call(node, MATMUL) and len(node.args) >= 2) or is_call(node, _BADDBMM):
             scores = node
             break
         queue.extend(tensor_inputs(node))
@@ -214,7 +192,8 @@ def _core_operands(core: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node] |
                 queue.append(user)
     if scores is None or out is None:
         return None
-    return scores.args[0], scores.args[1], out.args[1], out
+    q, k = scores.args[1:3] if is_call(scores, _BADDBMM) else scores.args[:2]
+    return q, k, out.args[1], out
 
 
 def attention_cores(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Node]]:
@@ -279,6 +258,11 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
         if len(projections) == 1 and all(hit[1] is not None for hit in found.values()):
             fused = tuple(sorted(found, key=lambda n: found[n][1]))
             claim(next(iter(projections)), f"{kind}.qkv", fused)
+        elif len(projections) == 1:
+            # One projection feeds q, k and v through a per-head interleaved layout (BLOOM's and Falcon's
+            # query_key_value): no equal chunks to adapt apart, so it is adapted whole under the query's
+            # role, as PEFT adapts `query_key_value`.
+            claim(next(iter(projections)), f"{kind}.q")
         else:
             for name, (proj, _, _) in found.items():
                 claim(proj, f"{kind}.{name}")
@@ -292,7 +276,7 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
         if weight in roles:
             continue
         down = nodes[0]
-        if _forward_residual_add(down) is None:
+        if residual_add(down) is None:
             continue
         inp = down.args[1] if is_call(down, ADDMM) else down.args[0]
         hits = _backtrace(inp, NORMS | ATTENTION | SOFTMAX)
@@ -321,25 +305,20 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
         (d, "residual.ffn") for d in ffn_downs
     ]
     for projection, role in residual_roles:
-        found_add = _forward_residual_add(projection)
+        found_add = residual_add(projection)
         if found_add is None:
             continue
         add, hidden, _ = found_add
-        layer = layer_of(module_path(projection))
-        users = list(add.users)
-        norm = None
-        # Post-LN: the add's only consumer is a LayerNorm of the same layer (a final norm outside the
-        # layer, like GPT-2's ln_f after the last block, is not part of the sub-layer).
-        if len(users) == 1 and is_call(users[0], NORMS):
-            if _layer_prefix(module_path(users[0])) == _layer_prefix(module_path(add)):
-                norm = users[0]
-        shape = _shape(add)
-        site = ResidualSite(
-            role, layer, module_path(add), module_path(projection), add, add.args.index(hidden), norm,
-            shape[-1] if shape else -1,
-        )
-        sites.residuals.append(site)
-        add.meta[meta.SITE] = {"role": role, "layer": layer, "module": site.module}
+        _add_residual(sites, role, layer_of(module_path(projection)), add, hidden, module_path(projection))
+    # A sub-layer without projections of its own (a mixture of experts whose experts are stored as one
+    # batched tensor) still has its residual add: the add after the attention's, fed by it and by a
+    # value computed from it.
+    for site in [s for s in sites.residuals if s.role == "residual.attn"]:
+        if sites.residual("residual.ffn", site.layer) is None:
+            found_add = next_sublayer_add(site.output)
+            if found_add is not None and _layer_prefix(module_path(found_add[0])) == _layer_prefix(site.module):
+                add, hidden = found_add
+                _add_residual(sites, "residual.ffn", site.layer, add, hidden, module_path(hidden))
 
     sites.linears.sort(key=lambda s: (s.layer, s.role))
     sites.residuals.sort(key=lambda s: (s.layer, s.role))
@@ -349,6 +328,21 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
         sites.embeddings = min(first, key=lambda s: list(gm.graph.nodes).index(s.add)).residual
         sites.embeddings.meta.setdefault(meta.SITE, {"role": "embeddings", "layer": -1, "module": ""})
     return sites
+
+
+def _add_residual(sites: SiteMap, role: str, layer: int, add: fx.Node, hidden: fx.Node, projection_module: str) -> None:
+    users = list(add.users)
+    norm = None
+    # Post-LN: the add's only consumer is a LayerNorm of the same layer (a final norm outside the
+    # layer, like GPT-2's ln_f after the last block, is not part of the sub-layer).
+    if len(users) == 1 and is_call(users[0], NORMS):
+        if _layer_prefix(module_path(users[0])) == _layer_prefix(module_path(add)):
+            norm = users[0]
+    shape = shape_of(add)
+    site = ResidualSite(role, layer, module_path(add), projection_module, add, add.args.index(hidden), norm,
+                        shape[-1] if shape else -1)
+    sites.residuals.append(site)
+    add.meta[meta.SITE] = {"role": role, "layer": layer, "module": site.module}
 
 
 def describe(sites: SiteMap) -> str:
