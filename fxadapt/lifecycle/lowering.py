@@ -96,15 +96,23 @@ def _bind(gm: fx.GraphModule, placements: list[Placement], holder: nn.Module, ad
 
 
 def _bind_composed(gm: fx.GraphModule, placements: list[Placement], holder: nn.Module) -> None:
-    """Replace the composed modules' fresh adapters and fusions by the registry's modules of the same site."""
+    """Replace the composed modules' fresh adapters and fusions by the registry's modules of the same site. A
+    module the pass registered at its own registry path (`fxadapt.<adapter>.<site>`, e.g. one a composed site
+    reads through get_attr) is bound at that path, as a single adapter's."""
     for placement in placements:
+        own_path = placement.module_path.count(".") == 2 and placement.module_path.startswith(REGISTRY + ".")
         root = FUSIONS if placement.method == "fusion" else REGISTRY
-        kept = registered(holder, registry_path(root, placement.adapter, placement.role, placement.layer))
+        path = placement.module_path if own_path else registry_path(root, placement.adapter, placement.role,
+                                                                   placement.layer)
+        kept = registered(holder, path)
         fresh = gm.get_submodule(placement.module_path)
         if kept is None or type(kept) is not type(fresh) or [p.shape for p in kept.parameters()] != [
                 p.shape for p in fresh.parameters()]:  # the registry out of step with its adapters: a bug
             raise RuntimeError(f"no persistent module matching {placement.module_path} "
                                f"({placement.adapter} at {placement.role} of layer {placement.layer})")
+        if own_path:
+            gm.add_submodule(path, kept)
+            continue
         parent, _, key = placement.module_path.rpartition(".")
         gm.get_submodule(parent)[key] = kept  # a ModuleDict: adapters / adapter_fusion_layer
 
