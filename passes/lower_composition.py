@@ -24,7 +24,7 @@ from fxadapt.graph_edit import Emitter, add_module
 from fxadapt.graph_ops import aten
 from fxadapt.methods import bottleneck
 from fxadapt.methods.base import Placement, SiteModule, freeze
-from fxadapt.methods.lora_family import projection_io
+from fxadapt.methods.lora_family import projection_io, shared_attrs, weight_and_bias
 from fxadapt.sites import SiteMap
 from fxadapt.spec import Spec
 
@@ -57,16 +57,28 @@ def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefi
             raise UserError(f"{adapter.path}: the model has no site for this {adapter.method.NAME} adapter.")
         for item in found:
             by_kind.setdefault(item.kind, {}).setdefault(item.index, {})[name] = item
-    unknown = sorted(set(by_kind) - set(LOWER_SITES))
+    unknown = sorted(set(by_kind) - set(LOWER_SITES) - {"shared"})
     if unknown:
         raise UserError(f"$.active: fxadapt cannot compose adapters at {', '.join(unknown)} sites yet.")
     placements: list[Placement] = []
     inserted = 0
     if len(paths) > 1 or setup.kind == "parallel":
         inserted += _replicate_inputs(gm, len(paths))
+    # A "shared" SiteModule (e.g. VeRA's A and B) is registered once per adapter; the composed sites read its
+    # tensors through get_attr nodes, in its state_dict order.
+    shared: dict[str, tuple[fx.Node, ...]] = {}
+    for modules in by_kind.get("shared", {}).values():
+        for name, item in modules.items():
+            path = add_module(gm, name, "shared", freeze(item.module))
+            origin = {"adapter": name, "method": spec.adapters[name].method.NAME, "pass": PASS, "site": "shared",
+                      "layer": -1}
+            shared[name] = shared_attrs(gm, tuple(f"{path}.{k}" for k in item.module.state_dict()), origin)
+            inserted += len(shared[name])
+            placements.append(Placement(name, spec.adapters[name].method.NAME, "shared", -1, path,
+                                        item.reference_module, len(shared[name])))
     for kind, lower in LOWER_SITES.items():
         for index, modules in by_kind.get(kind, {}).items():
-            made, placed = lower(gm, spec, sites, paths, index, modules)
+            made, placed = lower(gm, spec, sites, paths, index, modules, shared)
             inserted += made
             placements += placed
     for name in dict.fromkeys(spec.active):
@@ -84,7 +96,8 @@ def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefi
 
 
 def _lower_residual(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list, index: int,
-                    modules: dict[str, SiteModule]) -> tuple[int, list[Placement]]:
+                    modules: dict[str, SiteModule], shared: dict[str, tuple[fx.Node, ...]]
+                    ) -> tuple[int, list[Placement]]:
     """`y = BottleneckSite(h, x, ln_w, ln_b)` at one residual site; returns (nodes made, placements)."""
     site = sites.residuals[index]
     fusions = {f.name: freeze(Fusion(f.config, site.hidden_size)) for f in spec.fusions
@@ -112,11 +125,15 @@ def _lower_residual(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list,
 
 
 def _lower_linear(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list, index: int,
-                  modules: dict[str, SiteModule]) -> tuple[int, list[Placement]]:
-    """`y' = LoRASite(x, y[, task_ids])` at every graph node of one projection; returns (nodes made, placements)."""
+                  modules: dict[str, SiteModule], shared: dict[str, tuple[fx.Node, ...]]
+                  ) -> tuple[int, list[Placement]]:
+    """`y' = LoRASite(x, y[, task_ids][, W, b], *shared)` at every graph node of one projection (see LoRASite);
+    returns (nodes made, placements)."""
     site = sites.linears[index]
     task_ids = _task_ids(gm) if _has_multi_task(spec.setup) else None
-    module = LoRASite(paths, {n: m.module for n, m in modules.items()})
+    uses = {n: shared[n] for n in modules if n in shared}
+    module = LoRASite(paths, {n: m.module for n, m in modules.items()}, task_ids is not None,
+                      {n: len(nodes) for n, nodes in uses.items()})
     path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
     origin = {"adapter": ",".join(modules), "method": "composition", "pass": PASS, "site": site.role,
               "layer": site.layer}
@@ -124,7 +141,8 @@ def _lower_linear(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list, i
     for node in site.nodes:
         x, y = projection_io(node, True)
         emit = Emitter(gm, y, origin)
-        out = emit.call_module(path, (x, y) + ((task_ids,) if task_ids is not None else ()))
+        inputs = ((task_ids,) if task_ids is not None else ()) + (weight_and_bias(node) if module.needs_weight else ())
+        out = emit.call_module(path, (x, y, *inputs, *[a for nodes in uses.values() for a in nodes]))
         emit.reroute(y, out)
         inserted += len(emit.created)
     placements = [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",

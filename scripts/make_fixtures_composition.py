@@ -33,7 +33,7 @@ import transformers
 from adapters.composition import Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_reference_fixtures import ARCHS, load_base, make_inputs, run, seed_for  # noqa: E402
+from make_reference_fixtures import ARCHS, load_base, make_inputs, read_state, run, seed_for, weights_file  # noqa: E402
 
 BN = "seq_bn"
 BN8 = "seq_bn[reduction_factor=8]"
@@ -71,6 +71,34 @@ CASES.update({
     "bert__parallel_mixed": ("bert", {"a": BN, "b": LORA_QV}, {"parallel": ["a", "b"]}, [], []),
     "llama__parallel_mixed": ("llama", {"a": BN, "b": LORA_QV}, {"parallel": ["a", "b"]}, [], []),
 })
+# LoRA family (IA3, VeRA, gated LoRA, DoRA) with plain LoRA, on square projections (in = out, so a Stack may
+# chain an IA3 factor or one update into the next): BERT's q and v (its q alone barely moves the output),
+# Llama's q (its GQA v is narrower).
+def _family(arch: str) -> dict[str, str]:
+    at = "attn_matrices=['q','v']" if arch == "bert" else "attn_matrices=['q']"
+    return {"l": f"lora[r=4,alpha=8,{at}]", "i": f"ia3[{at},intermediate_lora=False]",
+            "j": f"ia3[{at},intermediate_lora=False,alpha=2]", "v": f"vera[r=4,{at}]",
+            "g": f"lora[r=2,alpha=4,{at},use_gating=True]", "d": f"dora[r=4,alpha=8,{at}]",
+            "e": f"dora[r=2,alpha=4,{at}]"}
+
+
+for _arch in ("bert", "llama"):
+    _f = _family(_arch)
+    CASES.update({
+        f"{_arch}__stack_lora_family": (_arch, {k: _f[k] for k in "ilvgd"}, {"stack": ["i", "l", "v", "g", "d"]},
+                                        [], []),
+        f"{_arch}__stack_lora_family_scale": (_arch, {k: _f[k] for k in "dei"}, {"stack": ["d", "e", "i"]}, [], []),
+        f"{_arch}__average_lora_family": (_arch, {k: _f[k] for k in "lvgd"},
+                                          {"average": ["l", "v", "g", "d"], "weights": [0.1, 0.2, 0.3, 0.4]}, [], []),
+        f"{_arch}__average_lora_family_ia3": (_arch, {k: _f[k] for k in "ij"},
+                                              {"average": ["i", "j"], "weights": [0.3, 0.7]}, [], []),
+        f"{_arch}__parallel_lora_family": (_arch, {k: _f[k] for k in "vgij"},
+                                           {"parallel": [{"stack": ["v", "i"]}, {"stack": ["g", "j"]}]}, [], []),
+        f"{_arch}__batch_split_lora_family": (_arch, {k: _f[k] for k in "vg"},
+                                              {"batch_split": ["v", "g"], "batch_sizes": [1, 1]}, [], []),
+        f"{_arch}__multi_task_lora_family": (_arch, {k: _f[k] for k in "vg"}, {"multi_task": ["v", "g"]}, [],
+                                             ["task_ids"]),
+    })
 TASK_IDS = torch.tensor([1, 0])  # row 0 -> child 1, row 1 -> child 0
 
 
@@ -105,6 +133,17 @@ def perturb(model: torch.nn.Module, before: set[str], key: str) -> int:
     for _, p in params:
         p.data = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2
     return len(params)
+
+
+def add_missing_shared(adapter_dir: Path, model: torch.nn.Module, name: str) -> None:
+    """Write the Compacter shared tensors save_adapter drops for bare models (its save filter wants a leading
+    dot, `.shared_parameters.NAME.`) into the weights file, as scripts/fixtures/single.py does."""
+    file = weights_file(adapter_dir)
+    state = read_state(file)
+    missing = {n: p.detach().clone() for n, p in model.named_parameters()
+               if n.startswith(f"shared_parameters.{name}.") and n not in state}
+    if missing:
+        torch.save({**state, **missing}, file)
 
 
 def with_adapters(arch: str, model_dir: Path, configs: dict[str, str], case: str, fusions: list):
@@ -146,6 +185,7 @@ def make_case(case: str, model_dir: Path, case_dir: Path) -> dict[str, Any]:
         assert (out[f] - ref).abs().max().item() > 1e-3, f"{case}: composition output equals the base output"
     for name in configs:
         model.save_adapter(str(case_dir / f"adapter_{name}"), name)
+        add_missing_shared(case_dir / f"adapter_{name}", model, name)
     fusion_dirs = []
     for children, _ in fusions:
         directory = f"fusion_{'_'.join(children)}"

@@ -70,8 +70,12 @@ class DoRA(LoRA):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
+        return self.combine(y, self.delta(x), weight, bias)
+
+    def combine(self, y, update, weight, bias, shared=()):
+        """m / ||W + B A||_row ⊙ (y + update): the reference's compute_dora_deltaw, also under a composition."""
         factor = self.m.weight.view(-1) / row_norm(oriented(weight, self.transposed) + self.product())
-        return factor * (y + self.delta(x))
+        return factor * (y + update)
 
     def fold(self, weight, bias, shared):
         factor = self.m.weight.view(-1) / row_norm(weight + self.product())

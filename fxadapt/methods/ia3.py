@@ -62,6 +62,12 @@ class IA3(FamilyModule):
                 parts.append(gate.new_ones((*gate.shape[:-1], self.chunk_size)))
         return torch.cat(parts, dim=-1)
 
+    def update(self, hidden, layer_input, shared=()):
+        """The reference IA3.forward: the factor (alpha · l, or g · l when gated), times `hidden` when a previous
+        adapter of a Stack gave one."""
+        factor = self.forward(layer_input)
+        return factor if hidden is None else hidden * factor
+
     def scale_vector(self) -> torch.Tensor:
         """alpha · l over all output features (1 for disabled chunks of a fused projection)."""
         vector = self.lora_B.view(-1) * self.scaling

@@ -161,9 +161,9 @@ class LoRA(FamilyModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.delta(x)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The scaled (or gated) update B A x."""
-        gate = gate_mean(self.gate, x).unsqueeze(1) if self.gated else None  # [batch, 1, heads]
+    def delta(self, x: torch.Tensor, gate_input: torch.Tensor | None = None) -> torch.Tensor:
+        """The scaled (or gated) update B A x; the gate reads `gate_input` (the layer input) when given."""
+        gate = gate_mean(self.gate, x if gate_input is None else gate_input).unsqueeze(1) if self.gated else None
         h = self.lora_dropout(x)
         if not self.chunks:
             out = F.linear(F.linear(h, self.lora_A), self.lora_B)
@@ -181,6 +181,9 @@ class LoRA(FamilyModule):
                 parts.append(x.new_zeros((*x.shape[:-1], self.chunk_size)))
         out = torch.cat(parts, dim=-1)
         return out if gate is not None else out * self.scaling
+
+    def update(self, hidden, layer_input, shared=()):
+        return self.delta(layer_input if hidden is None else hidden, layer_input)
 
     def product(self) -> torch.Tensor:
         """B A as an [out, in] matrix (zero rows for disabled chunks), unscaled."""
@@ -242,22 +245,21 @@ def build(gm: fx.GraphModule, site: LinearSite, config: Config, chunks: tuple[bo
     return LoRA(site.in_features, site.out_features, config, chunks)
 
 
-def composition_refusal(config: Config) -> str | None:
-    """Why this config cannot join a composition block (None when it can)."""
-    if config.variant != "lora":
-        return f"it is a {config.variant} adapter; fxadapt composes plain LoRA only so far"
-    return None
-
-
 def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
-    """This config's module per adapted projection, for a composed site (the graph is left as is)."""
-    found = []
-    for site, chunks in targets(sites, config):
+    """This config's module per adapted projection, for a composed site (the graph is left as is); VeRA adds its
+    shared A and B as a "shared" SiteModule, which the composed sites read."""
+    from . import vera
+
+    chosen = targets(sites, config)
+    for site, chunks in chosen:
         if chunks:
             raise UserError(f"{path}: a fused q/k/v projection ({site.module}) cannot hold a composed LoRA (the "
                             "reference's LoRAMergedLinear does not compose). Activate it alone.")
-        found.append(SiteModule("linear", sites.linears.index(site), build(gm, site, config, chunks, path),
-                                f"{site.module}.loras"))
+    found = [SiteModule("linear", sites.linears.index(site), build(gm, site, config, chunks, path),
+                        f"{site.module}.loras") for site, chunks in chosen]
+    if config.variant in ("vera", "dvora") and chosen:
+        found.append(SiteModule("shared", 0, vera.make_shared(config, [site for site, _ in chosen], path),
+                                vera.SHARED))
     return found
 
 

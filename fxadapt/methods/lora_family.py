@@ -6,6 +6,10 @@ A family module is applied to one projection y = W x + b in one of three ways (i
     "scale"    y' = y * module(x)                     (IA)^3
     "replace"  y' = module(x, y, W, b, *shared)       DoRA (needs W for its column norm)
 
+Under a composition block (compose/lora_site.py) the same modules give `update(hidden, x)` (the
+reference's module forward on the composed state) and `combine(y, update, W, b)` (how the last one's
+update meets y); both are the module's own forward split in two, not a copy of it.
+
 `shared` are get_attr nodes of parameters several modules read (VeRA's frozen A and B). Every module
 can `fold` itself into the projection's weight and bias (W', b') so that W' x + b' equals y' — the
 merge pass relies on it — unless it is gated, whose output depends on the whole input sequence.
@@ -31,6 +35,23 @@ class FamilyModule(nn.Module):
     composition: ClassVar[str] = "add"
     # Gated modules average a gate over the sequence: on GPT-2's 2-D `addmm` they read the 3-D tensors.
     gated: bool = False
+
+    def update(self, hidden: torch.Tensor | None, layer_input: torch.Tensor,
+               shared: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """Under a composition, the reference's module forward(hidden_states, layer_input): this module's update
+        of `hidden` (the previous adapter's update in a Stack; None before the first, when it reads
+        `layer_input`). A gate always reads `layer_input`."""
+        raise NotImplementedError
+
+    def combine(self, y: torch.Tensor, update: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, shared: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """How a composed update meets the projection output y when this module acted last (the reference's
+        `last.com(layer_output, hidden, scaling=1.0)`): added or multiplied; "replace" modules override it."""
+        if self.composition == "add":
+            return y + update
+        if self.composition == "scale":
+            return y * update
+        raise NotImplementedError
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None,
              shared: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -160,6 +160,9 @@ class MTLLoRA(FamilyModule):
             return out * gate_mean(self.gate, layer_input).unsqueeze(-1)
         return out * self.scaling
 
+    def update(self, hidden, layer_input, shared=()):
+        return self.delta(layer_input if hidden is None else hidden, layer_input)
+
     def fold(self, weight, bias, shared):
         raise UserError(NOT_MERGEABLE)
 

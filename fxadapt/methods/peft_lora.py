@@ -31,12 +31,13 @@ from ..errors import UserError
 from ..graph_edit import add_module, slug
 from ..projections import find_projections, output_heads
 from ..sites import LinearSite, SiteMap
-from .base import MethodConfig, Placement, freeze, require_type
+from .base import MethodConfig, Placement, SiteModule, freeze, require_type
 from .dora import oriented, row_norm, site_weight
 from .lora_family import FamilyModule, apply_at, weight_and_bias
 
 NAME = "peft_lora"
-BLOCKS: tuple[str, ...] = ()  # no block yet (compose/rules.py)
+# Wherever AdapterHub LoRA composes (PEFT itself has no blocks); compose/lora_site.py.
+BLOCKS: tuple[str, ...] = ("stack", "batch_split", "average", "parallel", "multi_task")
 PRESETS: dict[str, dict[str, Any]] = {}
 ALIASES: dict[str, str] = {}
 SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's SEQ_CLS_HEAD_NAMES
@@ -196,6 +197,10 @@ class PeftLoRA(FamilyModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
+    def update(self, hidden, layer_input, shared=()):
+        # PEFT has no composition blocks; in fxadapt's it acts as AdapterHub's ungated LoRA does.
+        return self.forward(layer_input if hidden is None else hidden)
+
     def delta_weight(self) -> torch.Tensor:
         return self.lora_B.weight @ self.lora_A.weight * self.scaling
 
@@ -217,10 +222,12 @@ class PeftDoRA(PeftLoRA):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
-        norm = row_norm(oriented(weight, self.transposed) + self.delta_weight())
-        factor = self.lora_magnitude_vector / norm
-        base = y - bias if bias is not None else y
-        out = factor * (base + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling)
+        return self.combine(y, self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling, weight, bias)
+
+    def combine(self, y, update, weight, bias, shared=()):
+        """m / ||W + s·B A||_row ⊙ (W x + update) + b: PEFT keeps the bias outside the norm."""
+        factor = self.lora_magnitude_vector / row_norm(oriented(weight, self.transposed) + self.delta_weight())
+        out = factor * ((y - bias if bias is not None else y) + update)
         return out + bias if bias is not None else out
 
     def fold(self, weight, bias, shared):
@@ -241,14 +248,31 @@ def targets(gm: fx.GraphModule, sites: SiteMap, config: Config, path: str) -> li
     return chosen
 
 
+def build(gm: fx.GraphModule, site: LinearSite, config: Config, path: str) -> PeftLoRA:
+    """The PEFT LoRA (or DoRA) module for one targeted projection."""
+    r, alpha = config.rank_and_alpha(site.module)
+    scaling = config.scaling(r, alpha)
+    if config.lora_bias and weight_and_bias(site.nodes[0])[1] is None:
+        raise UserError(f"{path}.lora_bias: {site.module} has no bias to add the LoRA bias to.")
+    return PeftDoRA(site, r, scaling, config, site_weight(gm, site)) if config.use_dora else \
+        PeftLoRA(site, r, scaling, config)
+
+
+def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
+    """The PEFT module per targeted projection, for a composed site (the graph is left as is)."""
+    found = []
+    for site in targets(gm, sites, config, path):
+        if site not in sites.linears:
+            raise UserError(f"{path}: {site.module} is not an attention or FFN projection; fxadapt composes PEFT "
+                            "LoRA only there (where AdapterHub LoRA acts). Exclude it (exclude_modules) or "
+                            "activate the adapter alone.")
+        found.append(SiteModule("linear", sites.linears.index(site), build(gm, site, config, path), site.module))
+    return found
+
+
 def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
     for site in targets(gm, sites, config, path):
-        r, alpha = config.rank_and_alpha(site.module)
-        scaling = config.scaling(r, alpha)
-        if config.lora_bias and weight_and_bias(site.nodes[0])[1] is None:
-            raise UserError(f"{path}.lora_bias: {site.module} has no bias to add the LoRA bias to.")
-        module = PeftDoRA(site, r, scaling, config, site_weight(gm, site)) if config.use_dora else \
-            PeftLoRA(site, r, scaling, config)
+        module = build(gm, site, config, path)
         module_path = add_module(gm, adapter, slug(site.module), freeze(module))
         origin = {"adapter": adapter, "method": NAME, "pass": "insert_adapters", "site": site.role,
                   "layer": site.layer, "module": site.module}

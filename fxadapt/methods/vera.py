@@ -56,6 +56,12 @@ class VeraShared(nn.Module):
 def add_shared(gm: fx.GraphModule, adapter: str, variant: str, config: Any, sites: list[LinearSite],
                path: str) -> Placement:
     """Register the adapter's shared A and B; refuse sites whose shape differs from the first one's."""
+    module_path = add_module(gm, adapter, "shared", make_shared(config, sites, path))
+    return Placement(adapter, variant, "shared", -1, module_path, SHARED, 0)
+
+
+def make_shared(config: Any, sites: list[LinearSite], path: str) -> VeraShared:
+    """The adapter's shared A and B (not registered anywhere); refuses sites of another shape than the first."""
     first = sites[0]
     for site in sites:
         if site.fused:
@@ -67,9 +73,7 @@ def add_shared(gm: fx.GraphModule, adapter: str, variant: str, config: Any, site
                 f"but {first.module} is {first.in_features}->{first.out_features} and {site.module} is "
                 f"{site.in_features}->{site.out_features}; restrict the placement (attn_matrices, intermediate_lora, "
                 "output_lora) to projections of one shape.")
-    module = VeraShared(config.r, first.in_features, first.out_features, config.init_weights)
-    module_path = add_module(gm, adapter, "shared", module)
-    return Placement(adapter, variant, "shared", -1, module_path, SHARED, 0)
+    return VeraShared(config.r, first.in_features, first.out_features, config.init_weights)
 
 
 def shared_targets(module_path: str) -> tuple[str, str]:
@@ -99,11 +103,15 @@ class VeRA(FamilyModule):
         """Λ_b B Λ_d A as an [out, in] matrix, unscaled (the reference's `delta_w`)."""
         return self.vera_B @ lora_B @ self.vera_D @ lora_A
 
-    def delta(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+              gate_input: torch.Tensor | None = None) -> torch.Tensor:
         out = F.linear(self.lora_dropout(x), self.product(lora_A, lora_B))
         if self.gated:
-            return out * gate_mean(self.gate, x).unsqueeze(1)
+            return out * gate_mean(self.gate, x if gate_input is None else gate_input).unsqueeze(1)
         return out * self.scaling
+
+    def update(self, hidden, layer_input, shared=()):
+        return self.delta(layer_input if hidden is None else hidden, *shared, gate_input=layer_input)
 
     def fold(self, weight, bias, shared):
         return weight + (self.product(*shared) * self.scaling).to(weight.dtype), bias
@@ -123,9 +131,11 @@ class VeRADoRA(VeRA):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-        product = self.product(lora_A, lora_B)
-        factor = self.m.weight.view(-1) / row_norm(oriented(weight, self.transposed) + product)
-        return factor * (y + self.delta(x, lora_A, lora_B))
+        return self.combine(y, self.delta(x, lora_A, lora_B), weight, bias, (lora_A, lora_B))
+
+    def combine(self, y, update, weight, bias, shared=()):
+        factor = self.m.weight.view(-1) / row_norm(oriented(weight, self.transposed) + self.product(*shared))
+        return factor * (y + update)
 
     def fold(self, weight, bias, shared):
         product = self.product(*shared)
