@@ -68,3 +68,22 @@ def test_manager_counts_and_names_the_failing_pass():
         run_passes(gm, [("noop", noop)], check=check)
     with pytest.raises(PassError, match="pass 'breaks'.*passes before it: noop"):
         run_passes(gm, [("noop", noop), ("breaks", breaks)])
+
+
+def test_manager_keeps_a_check_error_class_and_says_which_pass_it_followed():
+    gm = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),)).module()
+
+    class Drift(PassError):
+        pass
+
+    def check(g, name):
+        if name == "second":
+            raise Drift("outputs moved by 0.5")
+
+    def noop(g: fx.GraphModule) -> PassResult:
+        return PassResult(g, 0)
+
+    with pytest.raises(Drift, match="pass 'second' failed the check after it.*passes before it: first.*0.5"):
+        run_passes(gm, [("first", noop), ("second", noop)], check=check)
+    _, counts = run_passes(gm, [("first", noop)], check=check)  # negative: the check passes after 'first'
+    assert counts == {"first": 0}
