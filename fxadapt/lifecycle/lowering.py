@@ -1,6 +1,6 @@
 """Lower an adapter setup onto a fresh copy of the captured base graph, with persistent adapter modules.
 
-    graph = insert_adapters(find_sites(copy(base)), active)     # nodes + freshly initialised modules
+    graph = pass_list.rewrite(find_sites(copy(base)), active)   # nodes + freshly initialised modules
     graph.fxadapt.<adapter>.<site> := registry.fxadapt.<adapter>.<site>
 
 Insertion creates new modules every time; swapping in the modules kept in the AdaptedModel's own
