@@ -34,12 +34,14 @@ from . import __version__, pass_checks, pass_list
 from .capture import Captured, capture, export_program, flatten_outputs
 from .compose.task_inputs import with_task_ids
 from .composition import check_sizes, multi_task_children, pinned_dims, setup_dynamic_shapes
+from .export.reproducible import save_program
 from .export.verify import OutputError, compare
 from .publish import Publication
 from .sites import SiteMap, find_sites
 from .spec import Spec
 
 FORMATS = ("onnx", "torchscript", "pt2")
+INIT_SEED = 0  # the RNG seed new adapters are initialised with in a compile
 Progress = Callable[[str], None]
 
 
@@ -131,7 +133,10 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
     prefix = captured.info.get("base_model_prefix", "")
     context = pass_list.Context(spec, sites, prefix, hidden)
     check = pass_checks.graph_runs(captured.example_inputs) if pass_list.debug_enabled(debug) else None
-    with stage("rewrite", "inserting adapters"):
+    # New adapters are initialised from a fixed seed (the caller's RNG state is left as it was), so the same
+    # spec compiles to the same bytes; checkpoint weights overwrite the initial values anyway.
+    with stage("rewrite", "inserting adapters"), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
         gm, counts = pass_list.rewrite(gm, context, check)
     # Re-export with the dims the setup pins static and a Parallel's batch bounded.
     captured.dynamic_shapes = setup_dynamic_shapes(captured.dynamic_shapes, spec.setup)
@@ -212,7 +217,7 @@ def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, refe
     if "pt2" in formats:
         path = staging / "model.pt2"
         with stage("pt2", "saving the ExportedProgram (.pt2)"):
-            torch.export.save(ep, str(path))
+            save_program(ep, path)
         result.artifacts["pt2"] = {"path": "model.pt2"}
         loaded = torch.export.load(str(path)).module()
         with torch.no_grad():

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 import re
-import uuid
 import warnings
 from typing import Any
 
@@ -42,6 +40,7 @@ from torch import fx, nn
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
 from .prepare import plain_tree
+from .reproducible import save_reproducibly
 
 __all__ = ["export_torchscript"]
 
@@ -287,14 +286,11 @@ def _describe_script_error(err: Exception, origin: dict[str, fx.Node]) -> str:
 
 
 def _atomic_save(sm: torch.jit.ScriptModule, path: str) -> None:
-    """``torch.jit.save`` to a temp file next to ``path``, then rename: no partial file on failure."""
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # same directory, so the rename is atomic
-    try:
+    """``torch.jit.save`` under the final name in a scratch directory, then rename: no partial file on failure,
+    and the same bytes for the same module (export/reproducible.py)."""
+    def save(target: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream
-            torch.jit.save(sm, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            torch.jit.save(sm, target)
+
+    save_reproducibly(path, save)
