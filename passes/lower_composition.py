@@ -17,7 +17,10 @@ from fxadapt import checkpoints
 from fxadapt.compose import fusion_spec
 from fxadapt.compose.bottleneck_site import BottleneckSite
 from fxadapt.compose.fusion import Fusion
+from fxadapt.compose.invertible_site import lower_invertible
 from fxadapt.compose.lora_site import LoRASite
+from fxadapt.compose.prefix_site import lower_prefix
+from fxadapt.compose.reft_site import lower_reft
 from fxadapt.composition import Block
 from fxadapt.errors import UserError
 from fxadapt.graph_edit import Emitter, add_module
@@ -34,12 +37,18 @@ PASS = "lower_composition"
 
 
 def branches(setup: Block) -> list[Block | str]:
-    """The setup per Parallel child: the Parallel block replaced by its i-th child (or [setup])."""
-    for i, child in enumerate(setup.children):
-        if isinstance(child, Block) and child.kind == "parallel":
-            return [Block(setup.kind, setup.children[:i] + [c] + setup.children[i + 1:], setup.path, setup.splits,
-                          setup.weights, setup.name) for c in child.children]
-    return list(setup.children) if setup.kind == "parallel" else [setup]
+    """The setup per Parallel copy i: every Parallel block replaced by its i-th child (or [setup]). Parallel
+    blocks sit at the top or in the top Stack (the reference's depth rule); several in one Stack share one
+    replication, as in the reference (the first replicates, later ones split the replicated batch alike), so
+    copy i runs child i of each (compose/rules.py requires equal child counts)."""
+    if setup.kind == "parallel":
+        return list(setup.children)
+    channels = next((len(c.children) for c in setup.children if isinstance(c, Block) and c.kind == "parallel"), 0)
+    if not channels:
+        return [setup]
+    return [Block(setup.kind, [c.children[i] if isinstance(c, Block) and c.kind == "parallel" else c
+                               for c in setup.children], setup.path, setup.splits, setup.weights, setup.name)
+            for i in range(channels)]
 
 
 def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix: str = "",
@@ -106,15 +115,15 @@ def _lower_residual(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list,
     if norm is not None and norm.target != aten.layer_norm.default:
         raise UserError(f"composition at {site.role} of layer {site.layer}: the site's norm is "
                         f"{norm.target}, fxadapt composes bottleneck adapters only around layer_norm.")
-    module = BottleneckSite(paths, {n: m.module for n, m in modules.items()},
-                            {n: spec.adapters[n].config for n in modules}, fusions,
+    module = BottleneckSite(paths, {n: m.module for n, m in modules.items()}, fusions,
                             (list(norm.args[1]), float(norm.args[4]) if len(norm.args) > 4 else 1e-5)
                             if norm is not None else None)
     path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
     emit = Emitter(gm, site.output, {"adapter": ",".join(modules), "method": "composition", "pass": PASS,
                                      "site": site.role, "layer": site.layer})
-    ln_args = (norm.args[2], norm.args[3]) if norm is not None else ()
-    out = emit.call_module(path, (site.hidden, site.residual, *ln_args))
+    ln_args = (norm.args[2], norm.args[3]) if norm is not None else (None, None)
+    uses = [a for n, m in modules.items() if m.module.shared_names for a in shared[n]]  # Compacter's PHM tensors
+    out = emit.call_module(path, (site.hidden, site.residual, *ln_args, *uses))
     emit.reroute(site.output, out)
     ref = bottleneck.reference_module(site)
     placements = [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",
@@ -150,8 +159,10 @@ def _lower_linear(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list, i
     return inserted, placements
 
 
-# How a composed site of each SiteModule kind is lowered; residual sites first, as before.
-LOWER_SITES = {"residual": _lower_residual, "linear": _lower_linear}
+# How a composed site of each SiteModule kind is lowered, in this order: ReFT wraps a layer output before its
+# residual site is composed, so the composed output feeds the intervention.
+LOWER_SITES = {"invertible": lower_invertible, "reft": lower_reft, "residual": _lower_residual,
+               "linear": _lower_linear, "prefix": lower_prefix}
 
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:

@@ -71,6 +71,36 @@ CASES.update({
     "bert__parallel_mixed": ("bert", {"a": BN, "b": LORA_QV}, {"parallel": ["a", "b"]}, [], []),
     "llama__parallel_mixed": ("llama", {"a": BN, "b": LORA_QV}, {"parallel": ["a", "b"]}, [], []),
 })
+# Bottleneck family (Compacter = PHM layers, invertible adapters), prefix tuning and ReFT in blocks.
+PHM = "compacter++[reduction_factor=4]"
+PHM_DOUBLE = "compacter[reduction_factor=4]"
+INV = "seq_bn_inv"
+PHM_INV = "compacter++[reduction_factor=4,inv_adapter='nice',inv_adapter_reduction_factor=4]"
+PREFIX = "prefix_tuning[prefix_length=4,bottleneck_size=16]"
+PREFIX2 = "prefix_tuning[prefix_length=4,flat=True]"
+for _arch in ("bert", "llama"):
+    CASES.update({
+        # Stack: only the first adapter's invertible block runs (a's), b's is loaded but idle.
+        f"{_arch}__stack_compacter_inv": (_arch, {"a": INV, "b": PHM_INV, "c": PHM_DOUBLE},
+                                          {"stack": ["a", "b", "c"]}, [], []),
+        f"{_arch}__parallel_compacter": (_arch, {"a": PHM_INV, "b": PHM}, {"parallel": ["a", "b"]}, [], []),
+        f"{_arch}__fuse_compacter_inv": (_arch, {"a": INV, "b": PHM}, {"fuse": ["a", "b"]},
+                                         [(["a", "b"], "dynamic")], []),
+        f"{_arch}__blocks_compacter_inv": (_arch, {"a": PHM_INV, "b": INV}, {"stack": [
+            {"split": ["a", "b"], "splits": [3, 4]}, {"batch_split": ["b", "a"], "batch_sizes": [1, 1]},
+            {"average": ["a", "b"], "weights": [0.3, 0.7]}]}, [], []),
+        f"{_arch}__stack_prefix": (_arch, {"p": PREFIX, "q": PREFIX2, "b": BN}, {"stack": ["p", "q", "b"]}, [], []),
+        f"{_arch}__parallel_prefix": (_arch, {"p": PREFIX, "q": PREFIX2}, {"parallel": ["p", "q"]}, [], []),
+        f"{_arch}__batch_split_prefix": (_arch, {"p": PREFIX, "q": PREFIX2},
+                                         {"batch_split": ["p", "q"], "batch_sizes": [1, 1]}, [], []),
+        f"{_arch}__stack_reft": (_arch, {"r": "noreft", "s": "loreft", "b": BN}, {"stack": ["r", "s", "b"]}, [], []),
+    })
+    # The reference crashes on these (a Compacter's attention-site adapter has no Compacter++ partner): the
+    # expected rows come from separate single-adapter runs, fxadapt's Parallel semantics.
+    CASES[f"{_arch}__compacter_parallel_mixed"] = (_arch, {"a": PHM_DOUBLE, "b": PHM}, {"parallel": ["a", "b"]}, [],
+                                                   [])
+CASES["bert__stack_two_parallels"] = ("bert", {"a": BN, "b": BN8, "c": PHM, "d": BN},
+                                      {"stack": [{"parallel": ["a", "b"]}, {"parallel": ["c", "d"]}]}, [], [])
 # LoRA family (IA3, VeRA, gated LoRA, DoRA) with plain LoRA, on square projections (in = out, so a Stack may
 # chain an IA3 factor or one update into the next): BERT's q and v (its q alone barely moves the output),
 # Llama's q (its GQA v is narrower).
@@ -100,6 +130,9 @@ for _arch in ("bert", "llama"):
                                              ["task_ids"]),
     })
 TASK_IDS = torch.tensor([1, 0])  # row 0 -> child 1, row 1 -> child 0
+# With sdpa, adapters 1.3.0 masks a Llama prefix out (an inverted boolean mask: the prefix is a no-op), so
+# these run the reference with eager attention, as the single prefix cases do (scripts/fixtures/prefix_reft.py).
+EAGER = {case for case in CASES if case.startswith("llama__") and "prefix" in case}
 
 
 def to_block(setup: Any) -> Any:
@@ -135,6 +168,14 @@ def perturb(model: torch.nn.Module, before: set[str], key: str) -> int:
     return len(params)
 
 
+def load_model(arch: str, model_dir: Path, case: str) -> torch.nn.Module:
+    if case not in EAGER:
+        return load_base(arch, model_dir)
+    model = ARCHS[arch][0].from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    model.config.name_or_path = f"models/{arch}"  # as load_base: independent of --out
+    return model
+
+
 def add_missing_shared(adapter_dir: Path, model: torch.nn.Module, name: str) -> None:
     """Write the Compacter shared tensors save_adapter drops for bare models (its save filter wants a leading
     dot, `.shared_parameters.NAME.`) into the weights file, as scripts/fixtures/single.py does."""
@@ -147,7 +188,7 @@ def add_missing_shared(adapter_dir: Path, model: torch.nn.Module, name: str) -> 
 
 
 def with_adapters(arch: str, model_dir: Path, configs: dict[str, str], case: str, fusions: list):
-    model = load_base(arch, model_dir)
+    model = load_model(arch, model_dir, case)
     adapters.init(model)
     for name, config in configs.items():
         before = {n for n, _ in model.named_parameters()}
@@ -164,7 +205,7 @@ def with_adapters(arch: str, model_dir: Path, configs: dict[str, str], case: str
 def make_case(case: str, model_dir: Path, case_dir: Path) -> dict[str, Any]:
     arch, configs, setup, fusions, extra = CASES[case]
     cls, _, fields = ARCHS[arch]
-    base = load_base(arch, model_dir)
+    base = load_model(arch, model_dir, case)
     inputs = make_inputs(arch, base.config)
     out_base = run(base, inputs, fields)
     model = with_adapters(arch, model_dir, configs, case, fusions)

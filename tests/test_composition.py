@@ -34,7 +34,7 @@ def test_stack_is_parsed_and_flattened():
     ({"fuse": ["a", "b"]}, "has no fusion definition"),
     ({"split": ["a", "l"], "splits": [3, 4]}, "a split block cannot hold adapter 'l' (lora"),
     ({"multi_task": ["a", "l"]}, "a multi_task block cannot hold adapter 'a' (bottleneck"),
-    ({"stack": [{"parallel": ["a", "b"]}, {"parallel": ["a", "l"]}]}, "only one parallel block"),
+    ({"stack": [{"parallel": ["a", "b"]}, {"parallel": ["a", "l", "b"]}]}, "need equal numbers of children"),
 ])
 def test_bad_setups_name_the_block_and_rule(active, message):
     with pytest.raises(UserError) as info:

@@ -148,7 +148,6 @@ def test_no_cycle_hidden_in_function_local_imports():
     assert not cycles, "import cycles through function-local imports:\n" + _cycles_message(cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="issue #10: fxadapt/methods/bottleneck.py has 430 lines (being split)")
 def test_no_source_file_over_400_lines():
     long = {str(file.relative_to(ROOT)): n for file in module_files(package_dirs()).values()
             if (n := len(file.read_text().splitlines())) > MAX_LINES}

@@ -222,15 +222,15 @@ def test_bad_setups_are_user_errors_naming_the_problem(model):
     with pytest.raises(UserError, match="too deep"):
         model.set_active_adapters(Stack("a", Parallel("b", Average("a", "b"))))
     with pytest.raises(UserError, match="cannot hold adapter 'p'"):
-        model.set_active_adapters(Stack("a", "p"))
+        model.set_active_adapters(Average("a", "p"))
     with pytest.raises(UserError, match="a fuse block cannot hold adapter 'l'"):
         model.add_adapter_fusion(Fuse("a", "l"))
     model.add_adapter("d", "double_seq_bn")
     with pytest.raises(UserError, match="must all set mh_adapter alike"):
         model.add_adapter_fusion(Fuse("a", "d"))
     model.delete_adapter("d")
-    with pytest.raises(UserError, match="only one parallel block"):
-        model.set_active_adapters(Stack(Parallel("a", "b"), Parallel("a", "b")))
+    with pytest.raises(UserError, match="need equal numbers of children"):
+        model.set_active_adapters(Stack(Parallel("a", "b"), Parallel("a", "b", "a")))
     with pytest.raises(UserError, match="no Fuse block"):
         model.train_adapter_fusion(Stack("a", "b"))
     with pytest.raises(UserError, match="a child must be an adapter name or a block"):

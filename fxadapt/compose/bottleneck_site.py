@@ -1,9 +1,11 @@
 """One residual site under a composition of bottleneck adapters (and AdapterFusion): the reference's
 BottleneckLayer.bottleneck_layer_forward with its compose_* methods, on the state
-(hidden, input_tensor, adapter_residual, up, last):
+(hidden, input_tensor, adapter_residual, up, last). Every adapter step is the adapter's own method
+(methods/bottleneck.py `Bottleneck.pre_forward` / `run` / `post_forward`, the code the single-adapter
+emitter uses too), so PHM layers, gating, scaling and stochastic depth behave the same in every block:
 
-    pre(a):    t, r = a.pre_forward(hidden, x, LN)         # e.g. t = LN(h + x), r = h  (seq_bn)
-    single(a): hidden = A_a(t) + r,  up = s·up_a(...)      # a's adapter; up feeds Fuse
+    pre(a):    t, q, r = a.pre_forward(hidden, x, LN)      # e.g. t = LN(h + x), r = h  (seq_bn)
+    single(a): hidden, up = a.run(t, r)                    # a's adapter; up feeds Fuse
     Stack:     pre(c); single(c) for each child c in turn
     Fuse:      q = query of pre_last; hidden = Fusion(q, [up_c]_c, r)
     Split:     children on sequence slices, hidden = cat(dim=1)
@@ -13,7 +15,8 @@ BottleneckLayer.bottleneck_layer_forward with its compose_* methods, on the stat
 
 Children without a module at this site are skipped as in the reference; a site where no adapter of
 the setup acts computes the model's own LN(h + x). Parallel is lowered before (branches: row block i
-runs the setup with the Parallel block replaced by its child i).
+runs the setup with every Parallel block replaced by its child i). Compacter's shared PHM tensors
+arrive as extra inputs, after the norm's weight and bias, in `shared_layout` order.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..composition import Block
-from ..methods.bottleneck import Bottleneck, Config
+from ..methods.bottleneck import Bottleneck
 from .fusion import Fusion
+
+Tensors = dict[str, torch.Tensor]
 
 
 class State(NamedTuple):
@@ -37,100 +42,59 @@ class State(NamedTuple):
     up: torch.Tensor | None = None
     last: str | None = None
     ln: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model's LayerNorm at this site, if any
-
-
-def run_adapter(m: Bottleneck, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference Adapter/ParallelAdapter.forward in eval mode: (output, scaled up-projection)."""
-    down = m.adapter_down(x)
-    up = m.adapter_up(down) * m.scaling
-    out = m.dropout(up)
-    if hasattr(m, "gate"):
-        out = out * torch.mean(torch.sigmoid(m.gate(x)), dim=1).unsqueeze(-1)
-    if m.parallel:
-        return (m.adapter_norm_after(out) if hasattr(m, "adapter_norm_after") else out), up
-    if m.residual_first:
-        out = out + residual
-    if hasattr(m, "adapter_norm_after"):
-        out = m.adapter_norm_after(out)
-    if not m.residual_first:
-        out = out + residual
-    return out, up
+    shared: dict[str, Tensors] | None = None  # per adapter: its shared PHM tensors by name
 
 
 class BottleneckSite(nn.Module):
-    """`forward(h, x, ln_weight, ln_bias)` -> the site's output; `adapters` / `adapter_fusion_layer` hold
-    the modules under the reference's names."""
+    """`forward(h, x, ln_weight, ln_bias, *shared)` -> the site's output; `adapters` / `adapter_fusion_layer`
+    hold the modules under the reference's names."""
 
-    def __init__(self, branches: list[Block | str], adapters: dict[str, Bottleneck], configs: dict[str, Config],
-                 fusions: dict[str, Fusion], norm: tuple[list[int], float] | None) -> None:
+    def __init__(self, branches: list[Block | str], adapters: dict[str, Bottleneck], fusions: dict[str, Fusion],
+                 norm: tuple[list[int], float] | None) -> None:
         super().__init__()
         self.branches = branches
         self.adapters = nn.ModuleDict(adapters)
         self.adapter_fusion_layer = nn.ModuleDict(fusions)
-        self.configs = configs
         self.norm = norm
+        # (adapter, tensor name) of each shared input, in the order the graph passes them.
+        self.shared_layout = [(name, tensor) for name, m in adapters.items() for tensor in m.shared_names]
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor | None = None,
-                ln_bias: torch.Tensor | None = None) -> torch.Tensor:
+                ln_bias: torch.Tensor | None = None, *shared: torch.Tensor) -> torch.Tensor:
         def ln(t: torch.Tensor) -> torch.Tensor:
             return F.layer_norm(t, self.norm[0], ln_weight, ln_bias, self.norm[1])
 
+        tensors: dict[str, Tensors] = {}
+        for (adapter, name), tensor in zip(self.shared_layout, shared, strict=True):
+            tensors.setdefault(adapter, {})[name] = tensor
         layer_norm = ln if self.norm is not None else None
         if len(self.branches) == 1:
-            return self._site(self.branches[0], h, x, layer_norm)
+            return self._site(self.branches[0], h, x, layer_norm, tensors)
         rows = h.shape[0] // len(self.branches)
-        return torch.cat([self._site(b, h[i * rows:(i + 1) * rows], x[i * rows:(i + 1) * rows], layer_norm)
+        return torch.cat([self._site(b, h[i * rows:(i + 1) * rows], x[i * rows:(i + 1) * rows], layer_norm, tensors)
                           for i, b in enumerate(self.branches)], dim=0)
 
     def _present(self, setup: Block | str) -> list[str]:
         names = setup.flatten() if isinstance(setup, Block) else [setup]
         return [n for n in names if n in self.adapters]
 
-    def _site(self, setup, h, x, ln):
+    def _site(self, setup, h, x, ln, shared):
         if not self._present(setup):
             return ln(h + x) if ln is not None else h + x
-        state = State(h, x, x, ln=ln)
+        state = State(h, x, x, ln=ln, shared=shared)
         state = self._stack([setup], state) if isinstance(setup, str) else self._compose(setup, state)
         if state.last is None:
             return ln(h + x) if ln is not None else h + x
-        config = self.configs[state.last]
-        hidden = state.hidden
-        if config.is_parallel:
-            hidden = hidden + h
-        if config.original_ln_after:
-            hidden = ln(hidden + state.input_tensor) if ln is not None else hidden + state.input_tensor
-        return hidden
-
-    def _pre_forward(self, name: str, hidden, input_tensor, ln, fusion: dict | None = None):
-        """Adapter.pre_forward / ParallelAdapter.pre_forward: (hidden, query, residual)."""
-        config = self.configs[name]
-        if config.is_parallel:
-            return input_tensor, (input_tensor if fusion is not None else None), input_tensor
-        query = residual = None
-        if config.residual_before_ln is True:
-            residual = hidden
-        if fusion is not None and fusion["query_before_ln"]:
-            query = hidden
-        if config.original_ln_before:
-            hidden = hidden + input_tensor
-            if config.residual_before_ln == "post_add":
-                residual = hidden
-            if ln is not None:
-                hidden = ln(hidden)
-        if not config.residual_before_ln:
-            residual = hidden
-        if fusion is not None and not fusion["query_before_ln"]:
-            query = hidden
-        return hidden, query, residual
+        return self.adapters[state.last].post_forward(state.hidden, h, state.input_tensor, ln)
 
     def _pre_block(self, setup, state: State) -> State:
         # The reference uses the block's first adapter; fxadapt the first one present at this site.
         name = self._present(setup)[0]
-        hidden, _, residual = self._pre_forward(name, state.hidden, state.input_tensor, state.ln)
+        hidden, _, residual = self.adapters[name].pre_forward(state.hidden, state.input_tensor, state.ln)
         return state._replace(hidden=hidden, residual=residual)
 
     def _single(self, name: str, state: State) -> State:
-        out, up = run_adapter(self.adapters[name], state.hidden, state.residual)
+        out, up = self.adapters[name].run(state.hidden, state.residual, state.shared.get(name, {}))
         return state._replace(hidden=out, up=up, last=name)
 
     def _child(self, child, state: State) -> State | None:
@@ -153,7 +117,8 @@ class BottleneckSite(nn.Module):
         fusion = self.adapter_fusion_layer[block.fusion_name]
         present = self._present(block)
         last = block.last() if block.last() in self.adapters else present[-1]
-        hidden, query, residual = self._pre_forward(last, state.hidden, state.input_tensor, state.ln, fusion.config)
+        hidden, query, residual = self.adapters[last].pre_forward(state.hidden, state.input_tensor, state.ln,
+                                                                  fusion.config)
         state = state._replace(hidden=hidden, residual=residual)
         children = [s for s in (self._child(c, state) for c in block.children) if s is not None]
         if children:
@@ -168,7 +133,7 @@ class BottleneckSite(nn.Module):
             part = slice(start, start + size)
             start += size
             sub = State(state.hidden[:, part], state.input_tensor[:, part], state.residual[:, part],
-                        state.up[:, part] if state.up is not None else None, ln=state.ln)
+                        state.up[:, part] if state.up is not None else None, ln=state.ln, shared=state.shared)
             result = self._child(child, sub)
             if result is not None:
                 outs.append(result.hidden)
@@ -182,12 +147,12 @@ class BottleneckSite(nn.Module):
             rows = slice(start, start + size)
             start += size
             sub = State(state.hidden[rows], state.input_tensor[rows], state.residual[rows],
-                        state.up[rows] if state.up is not None else None, state.last, state.ln)
+                        state.up[rows] if state.up is not None else None, state.last, state.ln, state.shared)
             result = self._child(child, sub)
             states.append(result if result is not None else sub)
         up = torch.cat([s.up for s in states]) if all(s.up is not None for s in states) else None
         return State(torch.cat([s.hidden for s in states]), torch.cat([s.input_tensor for s in states]),
-                     torch.cat([s.residual for s in states]), up, states[-1].last, state.ln)
+                     torch.cat([s.residual for s in states]), up, states[-1].last, state.ln, state.shared)
 
     def _average(self, block: Block, state: State) -> State:
         state = self._pre_block(block, state)
@@ -195,4 +160,4 @@ class BottleneckSite(nn.Module):
         pairs = [(s, w) for s, w in pairs if s is not None]
         hidden = torch.mean(torch.stack([s.hidden * w for s, w in pairs], 0), dim=0)
         first = pairs[0][0]
-        return State(hidden, first.input_tensor, first.residual, first.up, pairs[-1][0].last, state.ln)
+        return State(hidden, first.input_tensor, first.residual, first.up, pairs[-1][0].last, state.ln, state.shared)

@@ -1,5 +1,5 @@
 """The spec-level checks of a composition: every adapter may join its block, every Fuse has a fusion
-definition, at most one Parallel.
+definition, Parallel blocks of equal width.
 
 Which blocks may hold which adapter is each method's own knowledge (fxadapt/methods/base.py): its module's
 `BLOCKS` (the reference's `supported_compositions` per layer class) and, where some configs of the method
@@ -52,9 +52,11 @@ def check_setup(spec: Any) -> None:
             if reason is not None:
                 raise UserError(f"{block.path}: {adapter.path} cannot be composed: {reason}. Activate it alone.")
     parallels = [b for b in all_blocks if b.kind == "parallel"]
-    if len(parallels) > 1:
-        raise UserError(f"{parallels[1].path}: only one parallel block per setup is supported (the batch is "
-                        f"replicated once, at the model inputs); {parallels[0].path} is another.")
+    for other in parallels[1:]:  # the reference replicates once; later Parallels split that batch alike
+        if len(other.children) != len(parallels[0].children):
+            raise UserError(f"{other.path}: parallel blocks of one setup share one replication of the batch, so "
+                            f"they need equal numbers of children; {parallels[0].path} has "
+                            f"{len(parallels[0].children)}, this one {len(other.children)}.")
     for block in all_blocks:
         if block.kind == "fuse" and not any(f.name == block.fusion_name for f in spec.fusions):
             raise UserError(f"{block.path}: fuse block {block.fusion_name!r} has no fusion definition; add "

@@ -27,7 +27,8 @@ and parallel (ParallelAdapter): out = ln_after(A(x)) + h;  y = LN(out + x) | out
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import operator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ from ..graph_edit import Emitter, add_module
 from ..graph_ops import aten
 from ..sites import ResidualSite, SiteMap
 from . import invertible, phm
+from .activation import make_activation
 from .base import MethodConfig, Placement, SiteModule, freeze, require_type
 
 NAME = "bottleneck"
@@ -166,19 +168,6 @@ ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "parallel": "par_bn
            "pfeiffer+inv": "seq_bn_inv", "houlsby+inv": "double_seq_bn_inv"}
 
 
-def make_activation(name: str, path: str) -> nn.Module:
-    """The reference's Activation_Function_Class: transformers' ACT2FN by lower-case name."""
-    from transformers.activations import ACT2FN
-
-    key = name.lower()
-    if key == "leakyrelu":
-        return nn.LeakyReLU()
-    if key not in ACT2FN:
-        raise UserError(f"{path}: unknown non_linearity {name!r}; choose one of: "
-                        f"{', '.join(sorted(ACT2FN))}, leakyrelu.")
-    return ACT2FN[key]
-
-
 class Bottleneck(nn.Module):
     """The bottleneck block; attribute names mirror the reference `Adapter` so checkpoint keys map 1:1.
 
@@ -210,31 +199,72 @@ class Bottleneck(nn.Module):
         self.residual_first = config.adapter_residual_before_ln
         # Only the sequential Adapter has the reference's DropPath (ParallelAdapter ignores stochastic_depth).
         self.stochastic_depth = 0.0 if config.is_parallel else float(config.stochastic_depth or 0.0)
+        # Where the adapter reads and writes the residual stream (pre_forward / post_forward).
+        self.original_ln_before = config.original_ln_before
+        self.original_ln_after = config.original_ln_after
+        self.residual_before_ln = config.residual_before_ln
         _init(self, config.init_weights)
 
     def _project(self, layer: nn.Module, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         return layer(x, shared) if isinstance(layer, phm.PHMLayer) else layer(x)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, *shared: torch.Tensor) -> torch.Tensor:
-        tensors = dict(zip(self.shared_names, shared, strict=True))
+    def pre_forward(self, h: Any, x: Any, ln: Callable[[Any], Any] | None = None, fusion: dict | None = None,
+                    add: Callable[[Any, Any], Any] = operator.add) -> tuple[Any, Any, Any]:
+        """The reference's Adapter/ParallelAdapter.pre_forward: (adapter input t, fusion query, adapter residual)
+        from the sub-layer output h and the residual stream x. `ln` is the model's norm at the site (None on
+        pre-LN models); `add` lets the single-adapter emitter run this on graph nodes."""
+        if self.parallel:
+            return x, (x if fusion is not None else None), x
+        query = h if fusion is not None and fusion["query_before_ln"] else None
+        residual, t = (h if self.residual_before_ln is True else None), h
+        if self.original_ln_before:
+            t = add(h, x)
+            if self.residual_before_ln == "post_add":
+                residual = t
+            if ln is not None:
+                t = ln(t)
+        if not self.residual_before_ln:
+            residual = t
+        if fusion is not None and not fusion["query_before_ln"]:
+            query = t
+        return t, query, residual
+
+    def post_forward(self, hidden: Any, h: Any, x: Any, ln: Callable[[Any], Any] | None = None,
+                     add: Callable[[Any, Any], Any] = operator.add) -> Any:
+        """The reference's post_forward: the parallel adapter joins h; then LN(hidden + x) if original_ln_after."""
+        if self.parallel:
+            hidden = add(hidden, h)
+        if self.original_ln_after:
+            hidden = add(hidden, x)
+            if ln is not None:
+                hidden = ln(hidden)
+        return hidden
+
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None,
+            shared: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's Adapter.forward: (output, scaled up-projection, which AdapterFusion reads)."""
         down = x
         for layer in self.adapter_down:
-            down = self._project(layer, down, tensors)
-        up = self._project(self.adapter_up, down, tensors)
-        if self.training and self.stochastic_depth > 0.0:
+            down = self._project(layer, down, shared)
+        up = self._project(self.adapter_up, down, shared)
+        if self.training and self.stochastic_depth > 0.0:  # DropPath: the identity in eval (and in exports)
             up = _drop_path(up, self.stochastic_depth)
-        out = self.dropout(up * self.scaling)
+        up = up * self.scaling
+        out = self.dropout(up)
         if hasattr(self, "gate"):
             out = out * torch.mean(torch.sigmoid(self.gate(x)), dim=1).unsqueeze(-1)
         if self.parallel:  # ParallelAdapter.forward: no residual inside the adapter
-            return self.adapter_norm_after(out) if hasattr(self, "adapter_norm_after") else out
+            return (self.adapter_norm_after(out) if hasattr(self, "adapter_norm_after") else out), up
         if self.residual_first:
             out = out + residual
         if hasattr(self, "adapter_norm_after"):
             out = self.adapter_norm_after(out)
         if not self.residual_first:
             out = out + residual
-        return out
+        return out, up
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, *shared: torch.Tensor) -> torch.Tensor:
+        return self.run(x, residual, dict(zip(self.shared_names, shared, strict=True)))[0]
 
 
 def _drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -274,33 +304,13 @@ def reference_module(site: ResidualSite) -> str:
     return f"{site.module}.{slot}.adapters"
 
 
-def composition_refusal(config: Config) -> str | None:
-    """Why this config cannot join a composition block (None when it can)."""
-    if config.phm_layer or config.inv_adapter:
-        return "it uses PHM layers or an invertible adapter, which fxadapt does not compose yet"
-    return None
-
-
-def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
-    """The Bottleneck module per residual site, for a composed site (the graph is left as is)."""
+def _build(sites: SiteMap, config: Config, path: str) -> tuple[list[tuple[int, Bottleneck]], phm.SharedPHM | None]:
+    """The adapter's module per residual site it adapts (index into sites.residuals), and Compacter's shared
+    PHM tensors (one module for all layers) when the config shares them. The graph is not touched."""
     roles = (["residual.attn"] if config.mh_adapter else []) + (["residual.ffn"] if config.output_adapter else [])
-    found = []
+    built: list[tuple[int, Bottleneck]] = []
+    shared: phm.SharedPHM | None = None
     for index, site in enumerate(sites.residuals):
-        if site.role not in roles or site.layer in config.leave_out:
-            continue
-        down = int(site.hidden_size // config.reduction_for(site.layer, path))
-        if down < 1:
-            raise UserError(f"{path}.reduction_factor: leaves no bottleneck for hidden size {site.hidden_size}.")
-        found.append(SiteModule("residual", index, Bottleneck(site.hidden_size, down, config), reference_module(site)))
-    return found
-
-
-def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
-    if config.inv_adapter:
-        yield from invertible.emit(gm, sites, adapter, config, path)
-    roles = (["residual.attn"] if config.mh_adapter else []) + (["residual.ffn"] if config.output_adapter else [])
-    shared: tuple[str, phm.SharedPHM] | None = None
-    for site in sites.residuals:
         if site.role not in roles or site.layer in config.leave_out:
             continue
         factor = config.reduction_for(site.layer, path)
@@ -311,21 +321,42 @@ def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path:
         if config.phm_layer:
             phm.check_sizes(config, site.hidden_size, down, factor, path)
             if shared is None and (config.shared_phm_rule or config.shared_W_phm):
-                module = freeze(phm.SharedPHM(config, site.hidden_size, down))
-                shared = (add_module(gm, adapter, "shared", module), module)
-        names = tuple(shared[1].names) if shared else ()
-        if shared and config.shared_W_phm and shared[1].get_parameter(names[0]).shape[1] != (
+                shared = freeze(phm.SharedPHM(config, site.hidden_size, down))
+        names = tuple(shared.names) if shared else ()
+        if shared and config.shared_W_phm and shared.get_parameter(names[0]).shape[1] != (
                 site.hidden_size // config.phm_dim):
             raise UserError(f"{path}.shared_W_phm: sites of hidden size {site.hidden_size} and another size cannot "
                             "share one PHM weight; set shared_W_phm to false.")
-        module_path = add_module(gm, adapter, f"L{site.layer}_{site.role}", freeze(
-            Bottleneck(site.hidden_size, down, config, names)))
-        rewrite = _rewrite_parallel if config.is_parallel else _rewrite
-        yield Placement(adapter, NAME, site.role, site.layer, module_path, reference_module(site),
-                        rewrite(gm, site, module_path, config, adapter, shared[0] if shared else None, names))
+        built.append((index, freeze(Bottleneck(site.hidden_size, down, config, names))))
+    return built, shared
+
+
+def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
+    """For a composed setup: the invertible block (compose/model_wide.py runs the setup's first adapter's), the
+    shared PHM tensors (fed to every composed residual site) and the Bottleneck per residual site."""
+    found = []
+    if config.inv_adapter:
+        found.append(SiteModule("invertible", 0, invertible.make_block(sites, config, path), "invertible_adapters"))
+    built, shared = _build(sites, config, path)
     if shared is not None:
         # Outside every layer, like the reference's base_model.shared_parameters[NAME].
-        yield Placement(adapter, NAME, "shared", -1, shared[0], "shared_parameters", 0)
+        found.append(SiteModule("shared", -1, shared, "shared_parameters"))
+    return found + [SiteModule("residual", index, module, reference_module(sites.residuals[index]))
+                    for index, module in built]
+
+
+def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
+    if config.inv_adapter:
+        yield from invertible.emit(gm, sites, adapter, config, path)
+    built, shared = _build(sites, config, path)
+    shared_path = add_module(gm, adapter, "shared", shared) if shared is not None else None
+    for index, module in built:
+        site = sites.residuals[index]
+        module_path = add_module(gm, adapter, f"L{site.layer}_{site.role}", module)
+        yield Placement(adapter, NAME, site.role, site.layer, module_path, reference_module(site),
+                        _rewrite(gm, site, module_path, module, adapter, shared_path, module.shared_names))
+    if shared_path is not None:
+        yield Placement(adapter, NAME, "shared", -1, shared_path, "shared_parameters", 0)
 
 
 def _emitter(gm: fx.GraphModule, site: ResidualSite, adapter: str) -> Emitter:
@@ -346,43 +377,23 @@ def _shared_inputs(emit: Emitter, shared_path: str | None, names: tuple[str, ...
     return nodes
 
 
-def _rewrite(gm: fx.GraphModule, site: ResidualSite, module_path: str, config: Config, adapter: str,
+def _rewrite(gm: fx.GraphModule, site: ResidualSite, module_path: str, module: Bottleneck, adapter: str,
              shared_path: str | None, names: tuple[str, ...]) -> int:
+    """The adapter's own pre_forward / post_forward on graph nodes: where they need the model's h + x (and its
+    norm), the model's nodes are reused; other adds and norms are new nodes (the norm a copy of the model's)."""
     h, x, norm = site.hidden, site.residual, site.norm
-    out = site.output
     emit = _emitter(gm, site, adapter)
-    residual = h if config.residual_before_ln is True else None
-    if config.original_ln_before:
-        # The model already computes h + x (and LN of it) at this site: reuse those nodes.
-        if config.residual_before_ln == "post_add":
-            residual = site.add
-        t = out
-    else:
-        t = h
-    if config.residual_before_ln is False:
-        residual = t
+
+    def add(a: fx.Node, b: fx.Node) -> fx.Node:
+        if (a, b) == (h, x):
+            return site.add
+        return emit.call_function(aten.add.Tensor, (a, b))
+
+    def layer_norm(t: fx.Node) -> fx.Node:
+        return site.output if t is site.add else emit.copy(norm, {site.add: t})
+
+    ln = layer_norm if norm is not None else None
+    t, _, residual = module.pre_forward(h, x, ln, add=add)
     adapted = emit.call_module(module_path, (t, residual, *_shared_inputs(emit, shared_path, names)))
-    if config.original_ln_after:
-        summed = emit.call_function(aten.add.Tensor, (adapted, x))
-        final = emit.copy(norm, {site.add: summed}) if norm is not None else summed
-    else:
-        final = adapted
-    emit.reroute(out, final)
-    return len(emit.created)
-
-
-def _rewrite_parallel(gm: fx.GraphModule, site: ResidualSite, module_path: str, config: Config, adapter: str,
-                      shared_path: str | None, names: tuple[str, ...]) -> int:
-    """ParallelAdapter: the adapter reads the sub-layer's input x; its output joins h before the model's add."""
-    h, x, norm = site.hidden, site.residual, site.norm
-    out = site.output
-    emit = _emitter(gm, site, adapter)
-    adapted = emit.call_module(module_path, (x, None, *_shared_inputs(emit, shared_path, names)))
-    summed = emit.call_function(aten.add.Tensor, (adapted, h))
-    if config.original_ln_after:
-        summed = emit.call_function(aten.add.Tensor, (summed, x))
-        final = emit.copy(norm, {site.add: summed}) if norm is not None else summed
-    else:
-        final = summed
-    emit.reroute(out, final)
+    emit.reroute(site.output, module.post_forward(adapted, h, x, ln, add=add))
     return len(emit.created)

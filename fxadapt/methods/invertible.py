@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..graph_edit import Emitter, add_module
 from ..graph_ops import ADDMM, LINEAR, PASS_THROUGH, aten, is_call, weight_node
 from ..sites import SiteMap
+from .activation import make_activation
 from .base import Placement, freeze
 
 METHOD = "bottleneck"
@@ -36,8 +37,6 @@ BLOCKS = ("nice", "glow")
 
 
 def _subnet(dims_in: int, dims_out: int, reduction_factor: float, non_linearity: str) -> nn.Sequential:
-    from .bottleneck import make_activation
-
     width = int(dims_in // reduction_factor)
     return nn.Sequential(nn.Linear(dims_in, width), make_activation(non_linearity, "non_linearity"),
                          nn.Linear(width, dims_out))
@@ -157,8 +156,8 @@ def _reaches_output(node: fx.Node) -> bool:
     return False
 
 
-def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config, path: str) -> Iterator[Placement]:
-    """Forward coupling after the embeddings; its inverse before the LM head's output projection."""
+def make_block(sites: SiteMap, config, path: str) -> nn.Module:
+    """The adapter's coupling block, sized by the embeddings output (the residual stream entering layer 0)."""
     embeddings = sites.embeddings
     if embeddings is None:
         raise UserError(f"{path}.inv_adapter: no embeddings output was found in this model (the residual stream "
@@ -166,9 +165,14 @@ def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config, path: str) ->
     val = embeddings.meta.get("val")
     channels = int(val.shape[-1]) if val is not None else sites.residuals[0].hidden_size
     block = NICECoupling if config.inv_adapter == "nice" else GLOWCoupling
-    module_path = add_module(gm, adapter, "invertible", freeze(
-        block(channels, config.non_linearity, config.inv_adapter_reduction_factor)))
-    origin = {"adapter": adapter, "method": METHOD, "pass": "insert_adapters", "site": "embeddings", "layer": -1}
+    return freeze(block(channels, config.non_linearity, config.inv_adapter_reduction_factor))
+
+
+def wire(gm: fx.GraphModule, sites: SiteMap, adapter: str, module_path: str, pass_name: str = "insert_adapters") -> int:
+    """Forward coupling after the embeddings; its inverse before the LM head's output projection. Returns the
+    number of nodes inserted."""
+    embeddings = sites.embeddings
+    origin = {"adapter": adapter, "method": METHOD, "pass": pass_name, "site": "embeddings", "layer": -1}
     forward = Emitter(gm, embeddings, origin)
     forward.reroute(embeddings, forward.call_module(module_path, (embeddings,)))
     count = len(forward.created)
@@ -177,4 +181,10 @@ def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config, path: str) ->
         reverse = Emitter(gm, x, {**origin, "site": "lm_head"})
         projection.replace_input_with(x, reverse.call_module(module_path, (x, True)))
         count += len(reverse.created)
-    yield Placement(adapter, METHOD, "embeddings", -1, module_path, "invertible_adapters", count)
+    return count
+
+
+def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config, path: str) -> Iterator[Placement]:
+    module_path = add_module(gm, adapter, "invertible", make_block(sites, config, path))
+    yield Placement(adapter, METHOD, "embeddings", -1, module_path, "invertible_adapters",
+                    wire(gm, sites, adapter, module_path))

@@ -29,10 +29,14 @@ from ..errors import UserError
 from ..graph_edit import add_module
 from ..graph_ops import ADDMM, aten, is_call
 from ..sites import SiteMap
-from .base import MethodConfig, Placement, freeze, require_type
-from .bottleneck import make_activation
+from .activation import make_activation
+from .base import MethodConfig, Placement, SiteModule, freeze, require_type
 
 NAME = "prefix_tuning"
+# The reference's PrefixTuningLayer.supported_compositions.
+BLOCKS: tuple[str, ...] = ("stack", "parallel", "batch_split")
+LOCATIONS = ("self_prefix", "encoder_prefix", "cross_prefix")
+POOL_KEY = "prefix_tuning.prefix_tunings"  # the model-level pool; each attention module saves it too (aliases)
 # The reference names a location `self_prefix` in most models and `self` in some (DistilBERT).
 _LOCATION_ALIASES = {"self_prefix": ("self",), "encoder_prefix": ("encoder",), "cross_prefix": ("cross",)}
 
@@ -136,36 +140,67 @@ def _location(core: AttentionCore, encoder_decoder: bool, decoder_layers: set[in
     return "self_prefix"
 
 
-def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
-    cores = find_attention_cores(gm, sites)
-    if not cores:
-        raise UserError(f"{path}: prefix tuning needs attention cores (scaled_dot_product_attention or "
-                        "softmax(q·kᵀ)·v); none were found in this model.")
+def groups(cores: list[AttentionCore], config: Config, path: str) -> dict[str, list[AttentionCore]]:
+    """The attention cores this prefix adapter acts on, by location (in graph order)."""
     decoder_layers = {c.layer for c in cores if c.cross}
-    groups: dict[str, list[AttentionCore]] = {}
+    found: dict[str, list[AttentionCore]] = {}
     for core in cores:
         location = _location(core, bool(decoder_layers), decoder_layers)
         if core.layer in config.leave_out or not getattr(config, location, True):
             continue
-        groups.setdefault(location, []).append(core)
-    if not groups:
+        found.setdefault(location, []).append(core)
+    if not found:
         raise UserError(f"{path}: no attention core is left for this prefix (leave_out={config.leave_out}, "
                         f"encoder_prefix={config.encoder_prefix}, cross_prefix={config.cross_prefix}).")
-    # Every reference attention module holds the shared pool, so each of them saves the prefixes.
-    aliases = ["prefix_tuning.prefix_tunings"] + sorted(
-        {f"{c.module}.prefix_tuning.pool.prefix_tunings" for c in cores})
-    for location, members in groups.items():
+    for location, members in found.items():
         first = members[0]
         if any((c.kv_heads, c.head_dim, c.hidden_size) != (first.kv_heads, first.head_dim, first.hidden_size)
                for c in members):
             raise UserError(f"{path}: attention layers at {location} differ in head count or size; one prefix "
                             "module cannot serve them.")
-        cls = FlatPrefixTuning if config.flat else PrefixTuning
-        prefixes = cls(len(members), first.kv_heads, first.hidden_size, first.head_dim, config)
-        module_path = add_module(gm, adapter, f"prefix_{location}", freeze(PrefixGroup(location, prefixes)))
+    return found
+
+
+def attention_cores(gm: fx.GraphModule, sites: SiteMap, path: str) -> list[AttentionCore]:
+    cores = find_attention_cores(gm, sites)
+    if not cores:
+        raise UserError(f"{path}: prefix tuning needs attention cores (scaled_dot_product_attention or "
+                        "softmax(q·kᵀ)·v); none were found in this model.")
+    return cores
+
+
+def aliases(cores: list[AttentionCore]) -> list[str]:
+    """Every reference attention module holds the shared pool, so each of them saves the prefixes."""
+    return [POOL_KEY] + sorted({f"{c.module}.prefix_tuning.pool.prefix_tunings" for c in cores})
+
+
+def make_group(location: str, members: list[AttentionCore], config: Config) -> PrefixGroup:
+    first = members[0]
+    cls = FlatPrefixTuning if config.flat else PrefixTuning
+    return freeze(PrefixGroup(location, cls(len(members), first.kv_heads, first.hidden_size, first.head_dim, config)))
+
+
+def composition_refusal(config: Config) -> str | None:
+    if config.use_gating:
+        return "gated prefix tuning (UniPELT's gates) composes only alone in fxadapt so far"
+    return None
+
+
+def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
+    """One prefix pool per location (index into LOCATIONS); compose/prefix_site.py joins the pools per core."""
+    found = groups(attention_cores(gm, sites, path), config, path)
+    return [SiteModule("prefix", LOCATIONS.index(location), make_group(location, members, config), POOL_KEY)
+            for location, members in found.items()]
+
+
+def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
+    cores = attention_cores(gm, sites, path)
+    references = aliases(cores)
+    for location, members in groups(cores, config, path).items():
+        module_path = add_module(gm, adapter, f"prefix_{location}", make_group(location, members, config))
         gates = _gates(gm, sites, members, config, adapter, location) if config.use_gating else {}
         inserted = _rewrite(gm, members, module_path, config, adapter, location, gates)
-        for index, reference in enumerate(aliases):
+        for index, reference in enumerate(references):
             yield Placement(adapter, NAME, "attn.prefix", -1, module_path, reference, inserted if index == 0 else 0)
         for core in members if gates else []:
             yield Placement(adapter, NAME, "attn.prefix_gate", core.layer, gates[core.node][0],
@@ -213,7 +248,7 @@ def _rewrite(gm: fx.GraphModule, cores: list[AttentionCore], module_path: str, c
             created += len(em.created)
         for slot, (user, arg) in enumerate((core.key_user, core.value_user)):
             created += _prepend(gm, core, user, arg, pool, 2 * index + slot, here, slot == 0, gate)
-        created += _extend_mask(gm, core, config.prefix_length, here, masks)
+        created += extend_mask(gm, core, config.prefix_length, here, masks)
     return created + len(masks)
 
 
@@ -245,7 +280,7 @@ def _prepend(gm: fx.GraphModule, core: AttentionCore, user: fx.Node, arg: int, p
     return len(em.created)
 
 
-def _extend_mask(gm: fx.GraphModule, core: AttentionCore, length: int, origin: dict,
+def extend_mask(gm: fx.GraphModule, core: AttentionCore, length: int, origin: dict,
                  cache: dict[tuple, fx.Node]) -> int:
     """Every query attends the prefix: prepend `length` "attend" entries on the mask's key axis."""
     if core.mask is not None:

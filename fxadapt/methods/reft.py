@@ -27,10 +27,13 @@ from ..errors import UserError
 from ..graph_edit import Emitter, add_module
 from ..graph_ops import aten
 from ..sites import SiteMap
-from .base import MethodConfig, Placement, freeze, require_type
-from .bottleneck import make_activation
+from .activation import make_activation
+from .base import MethodConfig, Placement, SiteModule, freeze, require_type
 
 NAME = "reft"
+# The reference's ReftLayer is no composable layer: under any setup it runs the setup's first adapter only.
+# fxadapt composes ReFT in Stack (compose/reft_site.py), the block the reference documents for it.
+BLOCKS: tuple[str, ...] = ("stack",)
 
 
 @dataclass
@@ -172,7 +175,8 @@ class ReftModule(nn.Module):
         return out
 
 
-def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
+def _layers(sites: SiteMap, config: Config, path: str) -> list:
+    """The FFN residual sites (layer outputs) of the selected layers."""
     outputs = {s.layer: s for s in sites.residuals if s.role == "residual.ffn"}
     if not config.output_reft:
         raise UserError(f"{path}.output_reft: ReFT has no other location in adapters 1.3.0; set it to true.")
@@ -184,20 +188,38 @@ def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path:
     hidden = outputs[layers[0]].hidden_size
     if config.orthogonality and config.r >= hidden:
         raise UserError(f"{path}.r: an orthogonal projection needs r < hidden size ({hidden}), got {config.r}.")
+    return [outputs[layer] for layer in layers]
+
+
+def wire(gm: fx.GraphModule, site, module_path: str, config: Config, adapter: str, pass_name: str = "insert_adapters",
+         positions: tuple[fx.Node, fx.Node] | None = None) -> tuple[int, tuple[fx.Node, fx.Node]]:
+    """h' = intervention(h) at the layer output; returns (nodes inserted, the position masks, reusable)."""
+    target = site.output
+    em = Emitter(gm, target, {"adapter": adapter, "method": NAME, "pass": pass_name, "site": "layer.output",
+                              "layer": site.layer})
+    if positions is None:
+        positions = _positions(gm, em, target, config)
+    em.reroute(target, em.call_module(module_path, (target, *positions)))
+    return len(em.created), positions
+
+
+def reference_module(sites: SiteMap, layer: int) -> str:
+    return f"{sites.layer_prefixes[layer]}.reft_layer.refts"
+
+
+def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
+    """One intervention per selected layer (index: the layer); compose/reft_site.py wires the setup's first."""
+    return [SiteModule("reft", site.layer, freeze(ReftModule(site.hidden_size, config)),
+                       reference_module(sites, site.layer)) for site in _layers(sites, config, path)]
+
+
+def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
     positions = None
-    for layer in layers:
-        site = outputs[layer]
-        target = site.output
-        origin = {"adapter": adapter, "method": NAME, "pass": "insert_adapters", "site": "layer.output",
-                  "layer": layer}
-        em = Emitter(gm, target, origin)
-        if positions is None:
-            positions = _positions(gm, em, target, config)
-        module_path = add_module(gm, adapter, f"L{layer}_reft", freeze(ReftModule(site.hidden_size, config)))
-        out = em.call_module(module_path, (target, *positions))
-        em.reroute(target, out)
-        yield Placement(adapter, NAME, "layer.output", layer, module_path,
-                        f"{sites.layer_prefixes[layer]}.reft_layer.refts", len(em.created))
+    for site in _layers(sites, config, path):
+        module_path = add_module(gm, adapter, f"L{site.layer}_reft", freeze(ReftModule(site.hidden_size, config)))
+        count, positions = wire(gm, site, module_path, config, adapter, positions=positions)
+        yield Placement(adapter, NAME, "layer.output", site.layer, module_path, reference_module(sites, site.layer),
+                        count)
 
 
 def _positions(gm: fx.GraphModule, em: Emitter, hidden: fx.Node, config: Config) -> tuple[fx.Node, fx.Node]:
