@@ -15,7 +15,7 @@ s is a number, a learned scalar ("learned") or a learned vector ("channel"); g(t
 included, as in the reference). With `phm_layer` (compacter) `down` and `up` are PHM layers
 (`phm.py`); with `inv_adapter` an invertible block follows the embeddings (`invertible.py`).
 
-In general (the reference's Adapter.pre_forward / forward / post_forward), sequential:
+In general (Bottleneck.pre_forward / run / post_forward: the reference's Adapter methods), sequential:
     residual = h                      if residual_before_ln is True
     t = LN(h + x) | h + x | h         by original_ln_before and whether the site has a norm
     residual = (h + x) | t            if residual_before_ln == "post_add" | False
@@ -169,7 +169,8 @@ ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "parallel": "par_bn
 
 
 class Bottleneck(nn.Module):
-    """The bottleneck block; attribute names mirror the reference `Adapter` so checkpoint keys map 1:1.
+    """The bottleneck block; attribute names mirror the reference `Adapter` so checkpoint keys map 1:1. Its
+    methods are the one implementation the single emitter and composed sites (compose/bottleneck_site.py) share.
 
     `forward(x, residual, *shared)`: `shared` are the adapter's shared PHM tensors, in `shared_names` order."""
 
