@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..errors import UserError
+from .field_types import check_values
 
 
 @dataclass
@@ -40,6 +41,7 @@ class MethodConfig:
                 f"{path}: unknown {cls.architecture} config key(s) {', '.join(map(repr, unknown))}; "
                 f"valid keys are: {', '.join(sorted(names))}."
             )
+        check_values(cls, {k: v for k, v in values.items() if k != "architecture"}, path)
         config = cls(**{k: v for k, v in values.items() if k != "architecture"})
         config.validate(path)
         return config
