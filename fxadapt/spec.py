@@ -99,6 +99,9 @@ def parse_spec(data: Any, base_dir: Path = Path(".")) -> Spec:
     fusions = parse_fusions(data.get("fusions"), adapters, base_dir) if data.get("fusions") else []
     active = list(setup.flatten()) if setup is not None else _active(data.get("active"), adapters)
     optimize = dict(_OPTIMIZE_KEYS)
+    if not isinstance(data.get("optimize") or {}, dict):
+        raise UserError(f"$.optimize: expected an object such as {{\"merge_lora\": false}}, got "
+                        f"{json.dumps(data['optimize'])[:60]}.")
     for key, value in (data.get("optimize") or {}).items():
         if key not in _OPTIMIZE_KEYS or not isinstance(value, bool):
             raise UserError(f"$.optimize.{key}: unknown optimization or non-boolean value; valid: "

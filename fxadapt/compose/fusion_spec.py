@@ -12,6 +12,7 @@ The fusion's name is the reference's: the adapter names joined by ",".
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ def _fusion(item: Any, adapters: dict, path: str, base_dir: Path) -> FusionDef:
         names = item.get("adapters")
         values = {k: v for k, v in item.items() if k not in ("adapters", "config")}
         preset = item.get("config", "dynamic")
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise UserError(f"{path}.config: unknown fusion config {preset!r}; use \"dynamic\" or \"static\".")
         values = {**PRESETS[preset], **values}
     where = f"{path}.load" if load is not None and "adapters" not in item else f"{path}.adapters"
@@ -94,11 +95,26 @@ def _fusion(item: Any, adapters: dict, path: str, base_dir: Path) -> FusionDef:
         raise UserError(f"{path}: unknown AdapterFusionConfig key(s) {unknown}; valid: "
                         f"{', '.join(PRESETS['dynamic'])}.")
     values = {**PRESETS["dynamic"], **values}
+    _check_types(values, path)
     if values["temperature"]:
         raise UserError(f"{path}.temperature: the reference anneals the softmax temperature on every forward call "
                         "(its outputs depend on how often it ran), which a compiled graph cannot reproduce; set it "
                         "to false.")
     return FusionDef(",".join(names), list(names), values, path, load)
+
+
+def _check_types(values: dict[str, Any], path: str) -> None:
+    """The reference's AdapterFusionConfig types: switches are booleans (value_initialized may also be the
+    reference's string form), dropout_prob is null or a probability."""
+    for key, value in values.items():
+        if key == "dropout_prob":
+            ok = value is None or (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1)
+            expected = "null or a number in [0, 1)"
+        else:
+            ok = isinstance(value, bool) or (key == "value_initialized" and isinstance(value, str))
+            expected = "true or false"
+        if not ok:
+            raise UserError(f"{path}.{key}: expected {expected}, got {json.dumps(value)[:60]}.")
 
 
 def _saved_names(data: dict[str, Any]) -> list[str] | None:

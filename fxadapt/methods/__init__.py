@@ -48,7 +48,7 @@ def method_for_name(name: str, path: str) -> tuple[ModuleType, dict[str, Any]]:
 def method_for_config(values: dict[str, Any], path: str) -> ModuleType:
     """The method module of an AdapterHub config dict, by its `architecture` field."""
     architecture = values.get("architecture") or "bottleneck"
-    if architecture in BY_ARCHITECTURE:
+    if isinstance(architecture, str) and architecture in BY_ARCHITECTURE:
         return BY_ARCHITECTURE[architecture]
     raise UserError(f"{path}.architecture: unknown adapter architecture {architecture!r}; expected one of "
                     f"{', '.join(BY_ARCHITECTURE)}.")
