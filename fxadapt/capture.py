@@ -183,6 +183,25 @@ def use_exportable_experts(model: torch.nn.Module) -> None:
         model.set_experts_implementation("batched_mm")
 
 
+def use_exportable_masks(model: torch.nn.Module) -> None:
+    """Attention masks built without `torch.vmap`: transformers 4.57 builds sdpa masks with vmap, which
+    export captures as higher-order-op submodules that do not survive graph rewriting; its own exporter
+    (integrations/executorch.py) registers the vmap-free mask as "sdpa_without_vmap", and so does this.
+    transformers 5.x builds masks without vmap and has no such function."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return
+    try:
+        from transformers.integrations.executorch import sdpa_mask_without_vmap
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        return
+    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_without_vmap", sdpa_mask_without_vmap)
+    ALL_ATTENTION_FUNCTIONS.register("sdpa_without_vmap", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    config._attn_implementation = "sdpa_without_vmap"
+
+
 def output_names_of(outputs: Any) -> list[str]:
     """ModelOutput field names (or out0, out1, ... for tuples) of an eager forward's tensors."""
     if isinstance(outputs, torch.Tensor):
@@ -262,6 +281,7 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = False
     use_exportable_experts(model)
+    use_exportable_masks(model)
     if example_inputs is None:
         names = input_names_for(model)
         example_inputs = make_inputs(names, config, batch, seq)
@@ -274,6 +294,10 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
     with torch.no_grad():
         eager = model(**example_inputs)
     ep, shapes = export_refining_dims(model, example_inputs, shapes)
+    if any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in ep.graph.nodes):
+        # autocast / no_grad regions (transformers 4.57's rotary embeddings) are captured as wrapper
+        # submodules that graph rewriting does not carry along; inlined, they are plain ops.
+        ep = ep.run_decompositions({})
     module = ep.module()
     canonical_projections(module)
     return Captured(
