@@ -23,6 +23,7 @@ from collections.abc import KeysView, Sequence
 from typing import Any
 
 from .errors import UserError
+from .names import check_name
 
 
 class Block(Sequence):
@@ -187,7 +188,9 @@ def _build(kind: str, children: list[Block | str], value: dict[str, Any], path: 
     block = object.__new__(CONSTRUCTORS[kind])  # Block's own __init__: the constructors' signatures lack path
     Block.__init__(block, kind, children, path, sizes if kind in ("split", "batch_split") else None,
                    _weights(value.get("weights"), len(children), value.get("normalize_weights", True))
-                   if kind == "average" else None, str(value["name"]) if kind == "fuse" and "name" in value else None)
+                   if kind == "average" else None,
+                   check_name(value["name"], f"{path}.name", "fusion name") if kind == "fuse" and "name" in value
+                   else None)
     return block
 
 

@@ -17,7 +17,7 @@ MAX_LENGTH = 128
 def check_name(name: Any, path: str, what: str = "adapter name") -> str:
     """`name` if it is a usable adapter/fusion name, else a UserError naming `path` and what to change."""
     if not isinstance(name, str) or not name:
-        raise UserError(f"{path}: an {what} must be a non-empty string, got {name!r}.")
+        raise UserError(f"{path}: the {what} must be a non-empty string, got {name!r}.")
     problem = None
     if len(name) > MAX_LENGTH:
         problem = f"is {len(name)} characters long (at most {MAX_LENGTH})"

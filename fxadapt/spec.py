@@ -28,6 +28,7 @@ from .errors import UserError
 from .methods import union
 from .methods.base import MethodConfig
 from .methods.config_string import parse_config_string
+from .names import check_name
 
 SCHEMA_PATH = Path(__file__).with_name("spec_schema.json")
 _TOP_KEYS = {"adapters", "active", "fusions", "optimize", "$schema", "description"}
@@ -92,6 +93,8 @@ def parse_spec(data: Any, base_dir: Path = Path(".")) -> Spec:
     raw_adapters = data.get("adapters")
     if not isinstance(raw_adapters, dict) or not raw_adapters:
         raise UserError("$.adapters: expected a non-empty object mapping adapter names to definitions.")
+    for name in raw_adapters:  # a name becomes a module path, a directory and checkpoint keys
+        check_name(name, f"$.adapters.{name[:40]}")
     adapters = {name: _adapter(name, value, f"$.adapters.{name}", base_dir) for name, value in raw_adapters.items()}
     setup = None
     if isinstance(data.get("active"), dict):  # a composition block (fxadapt/composition.py)
