@@ -105,6 +105,10 @@ def _bind_composed(gm: fx.GraphModule, placements: list[Placement], holder: nn.M
         path = placement.module_path if own_path else registry_path(root, placement.adapter, placement.role,
                                                                    placement.layer)
         kept = registered(holder, path)
+        if kept is None and root == REGISTRY:  # a method registering by another key (PEFT: its module's name)
+            path = next((p.module_path for p in getattr(holder, "_placements", {}).get(placement.adapter, [])
+                         if (p.role, p.layer) == (placement.role, placement.layer)), path)
+            kept = registered(holder, path)
         fresh = gm.get_submodule(placement.module_path)
         if kept is None or type(kept) is not type(fresh) or [p.shape for p in kept.parameters()] != [
                 p.shape for p in fresh.parameters()]:  # the registry out of step with its adapters: a bug

@@ -195,11 +195,15 @@ class PeftLoRA(FamilyModule):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.delta(x)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s · (B A dropout(x) + b_B)."""
         return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     def update(self, hidden, layer_input, shared=()):
         # PEFT has no composition blocks; in fxadapt's it acts as AdapterHub's ungated LoRA does.
-        return self.forward(layer_input if hidden is None else hidden)
+        return self.delta(layer_input if hidden is None else hidden)
 
     def delta_weight(self) -> torch.Tensor:
         return self.lora_B.weight @ self.lora_A.weight * self.scaling
@@ -222,7 +226,7 @@ class PeftDoRA(PeftLoRA):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
-        return self.combine(y, self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling, weight, bias)
+        return self.combine(y, self.delta(x), weight, bias)
 
     def combine(self, y, update, weight, bias, shared=()):
         """m / ||W + s·B A||_row ⊙ (W x + update) + b: PEFT keeps the bias outside the norm."""

@@ -1,0 +1,149 @@
+"""The LoRA family in composition blocks where adapters 1.3.0 gives no reference number (it crashes, or applies
+the last child's DoRA magnitude to every row), and PEFT-loaded LoRA, which adapters cannot compose at all.
+
+fxadapt's semantics (docs/composition.md, "fxadapt extensions"): a row block of Parallel / BatchSplit /
+MultiTask equals the model with that block's child alone; a PEFT LoRA composes as the AdapterHub LoRA with
+the same A, B and scaling. Both are checked here against separate runs; the reference's own cases are the
+`*_lora_family` fixtures (test_reference_parity.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxadapt
+from conftest import REFERENCE
+from fxadapt import Average, BatchSplit, MultiTask, Parallel, Stack
+from fxadapt.errors import UserError
+from fxadapt.lifecycle.base_graph import capture_base
+
+BERT = REFERENCE / "models" / "bert"
+PEFT_LORA = REFERENCE / "cases" / "bert__peft_lora" / "adapter"  # r=4, lora_alpha=8, query and value
+PEFT_DORA = REFERENCE / "cases" / "bert__peft_dora" / "adapter"
+CONFIGS = {"l": "lora[r=4,alpha=8]", "i": "ia3[attn_matrices=['q','v'],intermediate_lora=False]",
+           "d": "dora[r=4,alpha=8]", "e": "dora[r=2,alpha=4]", "v": "vera[r=4]",
+           "g": "lora[r=2,alpha=4,use_gating=True]"}
+
+
+@pytest.fixture(scope="module")
+def captured():
+    return capture_base(str(BERT))
+
+
+def _model(captured, names: str) -> fxadapt.AdaptedModel:
+    model = fxadapt.AdaptedModel(*captured)
+    gen = torch.Generator().manual_seed(7)
+    for name in names:
+        model.add_adapter(name, CONFIGS[name])
+        with torch.no_grad():
+            for module in model.adapter_modules(name):
+                for param in module.parameters():
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model
+
+
+def _out(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).last_hidden_state
+
+
+def _single(model, name, inputs) -> torch.Tensor:
+    model.set_active_adapters(name)
+    return _out(model, inputs)
+
+
+@pytest.mark.parametrize("children", ["li", "ld", "de", "gv"])
+def test_parallel_row_blocks_equal_single_adapter_runs(captured, children):
+    """Parallel(a, b) mixing IA3 with LoRA (the reference crashes: its states differ in shape) or DoRA with
+    another adapter (the reference applies the last child's magnitude to every row): row block i equals the
+    model with child i alone."""
+    model = _model(captured, children)
+    inputs = model.captured.inputs(2, 6, seed=3)
+    model.set_active_adapters(Parallel(*children))
+    out = _out(model, inputs)
+    expected = torch.cat([_single(model, c, inputs) for c in children])
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max().item() <= 1e-5
+    assert (expected[:2] - expected[2:]).abs().max().item() > 1e-3  # the children differ, so rows are routed
+
+
+@pytest.mark.parametrize("children", ["il", "de"])
+def test_batch_split_and_multi_task_rows_equal_single_adapter_runs(captured, children):
+    model = _model(captured, children)
+    inputs = model.captured.inputs(2, 6, seed=4)
+    single = {c: _single(model, c, inputs) for c in children}
+    model.set_active_adapters(BatchSplit(*children, batch_sizes=[1, 1]))
+    out = _out(model, inputs)
+    assert (out[:1] - single[children[0]][:1]).abs().max().item() <= 1e-5
+    assert (out[1:] - single[children[1]][1:]).abs().max().item() <= 1e-5
+    model.set_active_adapters(MultiTask(*children))
+    out = _out(model, dict(inputs, task_ids=torch.tensor([1, 0])))
+    assert (out[:1] - single[children[1]][:1]).abs().max().item() <= 1e-5
+    assert (out[1:] - single[children[0]][1:]).abs().max().item() <= 1e-5
+
+
+def test_average_of_ia3_and_lora_is_refused(captured):
+    model = _model(captured, "il")
+    with pytest.raises(UserError, match=r"average block cannot mix \(IA\)\^3 adapters"):
+        model.set_active_adapters(Average("i", "l"))
+
+
+def test_fused_qkv_lora_is_refused_in_a_block():
+    """GPT-2's c_attn: the reference's LoRAMergedLinear composes in no block."""
+    model = fxadapt.AdaptedModel(*capture_base(str(REFERENCE / "models" / "gpt2")))
+    model.add_adapter("a", "lora[r=2]")
+    model.add_adapter("b", "lora[r=2]")
+    with pytest.raises(UserError, match="fused q/k/v projection .* cannot hold a composed LoRA"):
+        model.set_active_adapters(Stack("a", "b"))
+
+
+def _copy_peft_into_lora(model, peft: str, lora: str) -> None:
+    """Give the AdapterHub LoRA `lora` the PEFT adapter's A and B (same r and alpha: same scaling)."""
+    by_site = {(p.role, p.layer): m for p, m in zip(model._placements[peft], model.adapter_modules(peft),
+                                                    strict=True)}
+    with torch.no_grad():
+        for placement, module in zip(model._placements[lora], model.adapter_modules(lora), strict=True):
+            source = by_site[(placement.role, placement.layer)]
+            module.lora_A.copy_(source.lora_A.weight)
+            module.lora_B.copy_(source.lora_B.weight)
+            assert module.scaling == source.scaling
+
+
+@pytest.mark.parametrize("setup", [Stack("p", "i"), Stack("g", "p"), Parallel("p", "g"), Average("p", "g"),
+                                   BatchSplit("g", "p", batch_sizes=[1, 1]), MultiTask("p", "g")])
+def test_peft_lora_composes_as_the_adapterhub_lora_with_its_weights(captured, setup):
+    """A PEFT-loaded LoRA in a block gives the numbers of the AdapterHub LoRA holding its A, B and scaling
+    (whose compositions match adapters 1.3.0: the *_lora and *_lora_family fixtures)."""
+    model = _model(captured, "lgi")
+    model.load_adapter(PEFT_LORA, load_as="p")
+    inputs = model.captured.inputs(2, 6, seed=5)
+    if isinstance(setup, MultiTask):
+        inputs = dict(inputs, task_ids=torch.tensor([1, 0]))
+    model.set_active_adapters(setup)
+    out = _out(model, inputs)
+    model.set_active_adapters(fxadapt.blocks.from_json(_renamed(setup.to_json(), "p", "l")))
+    other = _out(model, inputs)  # l still holds its own (random) weights
+    _copy_peft_into_lora(model, "p", "l")
+    expected = _out(model, inputs)
+    assert (out - expected).abs().max().item() <= 1e-6
+    assert (out - other).abs().max().item() > 1e-4  # the PEFT weights reach the output
+
+
+def _renamed(value, old: str, new: str):
+    if isinstance(value, str):
+        return new if value == old else value
+    if isinstance(value, list):
+        return [_renamed(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _renamed(v, old, new) for k, v in value.items()}
+    return value
+
+
+def test_peft_dora_in_parallel_equals_its_single_run(captured):
+    model = _model(captured, "l")
+    model.load_adapter(PEFT_DORA, load_as="q")
+    inputs = model.captured.inputs(2, 6, seed=6)
+    model.set_active_adapters(Parallel("q", "l"))
+    out = _out(model, inputs)
+    expected = torch.cat([_single(model, "q", inputs), _single(model, "l", inputs)])
+    assert (out - expected).abs().max().item() <= 1e-5
