@@ -356,12 +356,14 @@ class AdaptedModel(AdapterIOMixin, CombiningMixin, FusionMixin, SharingMixin, Tr
                     setup, fusions)
 
     def compile(self, output_dir: str | Path, formats: tuple[str, ...] = ("onnx",), merge_lora: bool = True,
-                atol: float = 1e-4, rtol: float = 1e-4, progress=lambda _: None):
-        """The CLI's artifacts for the current setup: OUT/model.onnx (etc., verified) and OUT/report.json."""
+                atol: float = 1e-4, rtol: float = 1e-4, progress=lambda _: None, debug: bool | None = None):
+        """The CLI's artifacts for the current setup: OUT/model.onnx (etc., verified) and OUT/report.json.
+        `debug` (default: FXADAPT_DEBUG=1) checks the outputs after every optimization pass."""
         head = self.heads[self.active_head] if self.active_head else None
         with _evaluating(self):
             return exporting.compile_adapted(self.captured, self._fresh(), head, self._spec(merge_lora),
-                                             Path(output_dir), tuple(formats), (atol, rtol), progress, self._composed)
+                                             Path(output_dir), tuple(formats), (atol, rtol), progress, self._composed,
+                                             debug)
 
     def export(self, merge_lora: bool = True) -> torch.export.ExportedProgram:
         """The current setup, optimized, as a torch.export ExportedProgram (e.g. for AOTInductor)."""

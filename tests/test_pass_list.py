@@ -99,3 +99,13 @@ def test_python_api_compile_runs_the_same_list_and_debug_mode(tmp_path, monkeypa
     monkeypatch.setattr(pass_list, "OPTIMIZE", [*pass_list.OPTIMIZE, wrong])
     with pytest.raises(OutputsChanged, match="pass 'scales_outputs'"):
         model.compile(tmp_path / "out2", formats=("onnx",))
+
+
+def test_python_api_compile_takes_debug_as_an_argument(tmp_path, monkeypatch):
+    model = fxadapt.AdaptedModel(*capture_base(str(REFERENCE / "models" / "bert")))
+    model.add_adapter("a", "lora[r=4,alpha=8,init_weights='bert']", set_active=True)
+    monkeypatch.delenv(pass_list.DEBUG_ENV, raising=False)
+    monkeypatch.setattr(pass_list, "OPTIMIZE", [*pass_list.OPTIMIZE, pass_list.Step("scales", _scales_first_output)])
+    with pytest.raises(OutputsChanged, match="pass 'scales'"):
+        model.compile(tmp_path / "out", formats=("onnx",), debug=True)
+    assert not (tmp_path / "out").exists()

@@ -116,12 +116,12 @@ def built(captured: Captured, lowered: Lowered, head: ClassificationHead | None,
 
 def compile_adapted(captured: Captured, lowered: Lowered, head: ClassificationHead | None, spec: Spec,
                     out_dir: Path, formats: tuple[str, ...], tolerance: tuple[float, float], progress,
-                    setup=None) -> Result:
+                    setup=None, debug: bool | None = None) -> Result:
     result, merge = built(captured, lowered, head, spec.optimize.get("merge_lora", True), setup)
     spec = dataclasses.replace(spec, optimize={**spec.optimize, "merge_lora": merge})
     atol, rtol = tolerance
     return compile_model(captured.source, spec, Path(out_dir), tuple(formats), atol=atol, rtol=rtol,
-                         progress=progress, built=result)
+                         progress=progress, built=result, debug=debug)
 
 
 def export_adapted(captured: Captured, lowered: Lowered, head: ClassificationHead | None,
