@@ -43,6 +43,28 @@ def test_bad_setups_name_the_block_and_rule(active, message):
     assert "$.active" in str(info.value)
 
 
+def test_rules_read_each_methods_blocks_and_refusal(monkeypatch):
+    """compose/rules.py asks the adapter's method module (BLOCKS, composition_refusal), never its name."""
+    from fxadapt.methods import lora
+
+    monkeypatch.setattr(lora, "BLOCKS", ("average",))
+    with pytest.raises(UserError, match=r"a stack block cannot hold adapter 'l' \(lora.*compose only in average"):
+        _spec({"stack": ["a", "l"]})
+    monkeypatch.setattr(lora, "BLOCKS", ("stack",))
+    monkeypatch.setattr(lora, "composition_refusal", lambda config: f"r={config.r} is odd", raising=False)
+    with pytest.raises(UserError, match=r"\$\.adapters\.l cannot be composed: r=8 is odd"):
+        _spec({"stack": ["a", "l"]})
+    monkeypatch.setattr(lora, "composition_refusal", lambda config: None)
+    assert _spec({"stack": ["a", "l"]}).active == ["a", "l"]
+
+
+def test_lora_family_variants_compose_and_methods_without_blocks_do_not():
+    adapters = {"i": "ia3", "v": "vera[r=4]", "d": "dora", "g": "lora[use_gating=True]", "p": "prompt_tuning"}
+    assert _spec({"stack": ["i", "v", "d", "g"]}, adapters).active == ["i", "v", "d", "g"]
+    with pytest.raises(UserError, match="prompt_tuning adapters compose only in no block"):
+        _spec({"stack": ["i", "p"]}, adapters)
+
+
 def test_fusion_definitions():
     spec = _spec({"fuse": ["a", "b"]}, fusions=[{"adapters": ["a", "b"], "config": "static"}])
     assert spec.fusions[0].name == "a,b" and spec.fusions[0].config["value"] is False

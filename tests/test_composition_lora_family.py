@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import fxadapt
-from conftest import REFERENCE
+from conftest import REFERENCE, load_case
 from fxadapt import Average, BatchSplit, MultiTask, Parallel, Stack
 from fxadapt.errors import UserError
 from fxadapt.lifecycle.base_graph import capture_base
+from fxadapt.pipeline import build
+from fxadapt.spec import parse_spec
 
 BERT = REFERENCE / "models" / "bert"
 PEFT_LORA = REFERENCE / "cases" / "bert__peft_lora" / "adapter"  # r=4, lora_alpha=8, query and value
@@ -147,3 +149,36 @@ def test_peft_dora_in_parallel_equals_its_single_run(captured):
     out = _out(model, inputs)
     expected = torch.cat([_single(model, "q", inputs), _single(model, "l", inputs)])
     assert (out - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["bert__stack_lora_family", "bert__average_lora_family",
+                                  "bert__parallel_lora_family", "bert__multi_task_lora_family"])
+def test_reference_fixture_through_the_python_api(captured, case):
+    """The *_lora_family fixtures (adapters 1.3.0) through load_adapter / set_active_adapters: the registry's
+    modules (VeRA's shared A and B included) bound into the composed sites give the reference's numbers."""
+    info, io = load_case(case)
+    model = fxadapt.AdaptedModel(*captured)
+    for name, sub in info["adapters"].items():
+        model.load_adapter(REFERENCE / "cases" / case / sub, load_as=name)
+    model.set_active_adapters(fxadapt.blocks.from_json(info["setup"]))
+    inputs = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
+    inputs.update({name: io[name] for name in info["inputs"]})
+    error = (_out(model, inputs) - io["out.last_hidden_state"]).abs().max().item()
+    assert error <= 1e-5, f"{case}: max abs error {error:.2e} against adapters 1.3.0"
+
+
+def test_peft_checkpoint_in_a_spec_block_equals_its_single_run(tmp_path):
+    """The CLI path: `{"load": PEFT_DIR}` in a Parallel of a spec; row block 0 equals the PEFT adapter alone."""
+    info, io = load_case("bert__peft_lora")
+    inputs = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
+    adapters = {"p": {"load": str(PEFT_LORA)}, "l": "lora[r=2,alpha=4]"}
+    spec = parse_spec({"adapters": adapters, "active": {"parallel": ["p", "l"]},
+                       "optimize": {"merge_lora": False}}, tmp_path)
+    with torch.no_grad():
+        out = build(str(BERT), spec).graph(**inputs)["last_hidden_state"]
+    rows = io["out.last_hidden_state"].shape[0]
+    assert out.shape[0] == 2 * rows
+    assert (out[:rows] - io["out.last_hidden_state"]).abs().max().item() <= 1e-5  # PEFT's own number
+    with pytest.raises(UserError, match="fused q/k/v projection"):
+        build(str(REFERENCE / "models" / "gpt2"), parse_spec(
+            {"adapters": {"a": "lora", "b": "lora"}, "active": {"stack": ["a", "b"]}}, tmp_path))
