@@ -284,8 +284,12 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
     use_exportable_masks(model)
     if example_inputs is None:
         names = input_names_for(model)
+        bound = sequence_bound(model, config)
+        if seq > bound:  # a Split's sizes pin the sequence length; the model must have that many positions
+            raise UserError(f"the spec pins the sequence length to {seq} (a Split's splits add up to it), but model "
+                            f"{source!r} has {bound} positions; make the splits add up to at most {bound}.")
         example_inputs = make_inputs(names, config, batch, seq)
-        shapes = dynamic_shapes_for(names, config, sequence_bound(model, config))
+        shapes = dynamic_shapes_for(names, config, bound)
     else:
         names = list(example_inputs)
         batch_dim = Dim("batch", min=1, max=4096)

@@ -19,6 +19,7 @@ reference's `ALLOWED_NESTINGS`; below the top level only Stack may hold blocks b
 
 from __future__ import annotations
 
+import math
 from collections.abc import KeysView, Sequence
 from typing import Any
 
@@ -168,11 +169,17 @@ _EXTRA_KEYS = {"split": {"splits"}, "batch_split": {"batch_sizes"}, "average": {
                "fuse": {"name"}}
 
 
-def _weights(weights: list[float] | None, count: int, normalize: bool) -> list[float]:
+def _weights(weights: list[float] | None, count: int, normalize: bool, path: str = "Average(...)") -> list[float]:
     """An average's weights as the reference keeps them: 1/n each by default, else normalized to sum 1 unless
     `normalize_weights` is false."""
     if weights is None:
         return [1 / count] * count if count else []
+    # NaN or Inf (JSON's NaN/Infinity tokens, or from Python) would reach the graph as constants and poison every
+    # output (and TorchScript export); a sum of huge weights overflows to Inf the same way.
+    if not all(isinstance(w, int | float) and math.isfinite(w) for w in weights) or (
+            normalize and not math.isfinite(sum(weights))):
+        raise UserError(f"{path}.weights: expected finite numbers, got {weights!r}; give each child a weight "
+                        "such as 0.5.")
     if normalize:
         total = sum(weights) or 1
         weights = [w / total for w in weights]
@@ -187,7 +194,7 @@ def _build(kind: str, children: list[Block | str], value: dict[str, Any], path: 
         sizes = [sizes] * len(children)
     block = object.__new__(CONSTRUCTORS[kind])  # Block's own __init__: the constructors' signatures lack path
     Block.__init__(block, kind, children, path, sizes if kind in ("split", "batch_split") else None,
-                   _weights(value.get("weights"), len(children), value.get("normalize_weights", True))
+                   _weights(value.get("weights"), len(children), value.get("normalize_weights", True), path)
                    if kind == "average" else None,
                    check_name(value["name"], f"{path}.name", "fusion name") if kind == "fuse" and "name" in value
                    else None)
@@ -247,6 +254,8 @@ def parse_composition(value: Any, adapters: set[str], path: str = "$.active", le
         if not isinstance(weights, list) or len(weights) != len(children) or not all(
                 isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
             raise UserError(f"{path}.weights: expected one number per child ({len(children)}).")
+        if not isinstance(value.get("normalize_weights", True), bool):
+            raise UserError(f"{path}.normalize_weights: expected true or false.")
     return _build(kind, children, value, path)
 
 

@@ -72,13 +72,19 @@ def load_spec(path: str | Path) -> Spec:
     """Read and resolve a spec file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise UserError(f"spec {path}: cannot read it ({exc.strerror}).") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"spec {path}: byte {exc.start} is not UTF-8 text; save the spec as UTF-8 JSON.") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"spec {path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+    except RecursionError:  # thousands of nested brackets exhaust the parser's stack
+        raise UserError(f"spec {path}: the JSON is nested too deeply to be a spec; check its brackets.") from None
+    except ValueError as exc:  # an integer literal beyond Python's digit limit (int_max_str_digits)
+        raise UserError(f"spec {path}: it holds a number that cannot be read ({exc}); use a smaller value.") from None
     return parse_spec(data, path.parent)
 
 
@@ -131,6 +137,9 @@ def _adapter(name: str, value: Any, path: str, base_dir: Path) -> AdapterDef:
         extra = sorted(set(value) - {"load"})
         if extra:
             raise UserError(f"{path}: {{\"load\": DIR}} takes no other keys, got {extra}.")
+        if not isinstance(value["load"], str) or not value["load"]:
+            raise UserError(f"{path}.load: expected a checkpoint directory path (a string), got "
+                            f"{json.dumps(value['load'])[:60]}.")
         directory = (base_dir / value["load"]).resolve()
         # AdapterHub or PEFT, by the directory's adapter_config.json.
         module, config = checkpoints.read_config(directory, f"{path}.load")

@@ -67,6 +67,8 @@ def _fusion(item: Any, adapters: dict, path: str, base_dir: Path) -> FusionDef:
         if extra:
             raise UserError(f"{path}: a loaded fusion takes only \"load\" and \"adapters\" (its config is the "
                             f"checkpoint's), got {extra}.")
+        if not isinstance(item["load"], str) or not item["load"]:
+            raise UserError(f"{path}.load: expected a fusion checkpoint directory path (a string).")
         load = (base_dir / item["load"]).resolve()
         data = _read_json(load, f"{path}.load")
         names, values = _saved_names(data), data.get("config")
