@@ -72,7 +72,9 @@ class Placement:
 @dataclass
 class SiteModule:
     """One adapter module for a composed site. `kind` says which site list `index` points into ("linear":
-    sites.linears, "residual": sites.residuals); lower_composition dispatches on it."""
+    sites.linears, "residual": sites.residuals); lower_composition dispatches on it. Kind "shared" (index 0)
+    is a module several sites of the adapter read (VeRA's A and B): registered once at
+    `fxadapt.<adapter>.shared`, its tensors passed to the composed sites as get_attr nodes."""
 
     kind: str
     index: int
