@@ -182,3 +182,22 @@ def test_peft_checkpoint_in_a_spec_block_equals_its_single_run(tmp_path):
     with pytest.raises(UserError, match="fused q/k/v projection"):
         build(str(REFERENCE / "models" / "gpt2"), parse_spec(
             {"adapters": {"a": "lora", "b": "lora"}, "active": {"stack": ["a", "b"]}}, tmp_path))
+
+
+def test_gpt2_conv1d_projections_compose_with_their_own_layout():
+    """GPT-2's Conv1D projections (addmm, weight [in, out]): DoRA reads W in that layout, a gate the 3-D input."""
+    model = fxadapt.AdaptedModel(*capture_base(str(REFERENCE / "models" / "gpt2")))
+    gen = torch.Generator().manual_seed(8)
+    configs = {"d": "dora[r=4,alpha=8,selfattn_lora=False,output_lora=True]",
+               "g": "lora[r=2,alpha=4,use_gating=True,selfattn_lora=False,intermediate_lora=True,output_lora=True]"}
+    for name, config in configs.items():
+        model.add_adapter(name, config)
+        with torch.no_grad():
+            for param in (p for m in model.adapter_modules(name) for p in m.parameters()):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    inputs = model.captured.inputs(2, 6, seed=9)
+    model.set_active_adapters(Parallel("d", "g"))
+    out = _out(model, inputs)
+    expected = torch.cat([_single(model, "d", inputs), _single(model, "g", inputs)])
+    assert (out - expected).abs().max().item() <= 1e-5
+    assert (expected[:2] - expected[2:]).abs().max().item() > 1e-3
