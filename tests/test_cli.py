@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import REFERENCE
@@ -35,6 +36,7 @@ def test_compile_builtin_default_writes_verified_artifacts(tmp_path, capsys):
     assert all(o["max_abs"] < 1e-5 for c in onnx_checks for o in c["outputs"].values())
 
 
+@pytest.mark.slow
 def test_compile_reports_lower_composition_under_its_own_name(tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"adapters": {"a": "seq_bn", "b": "seq_bn"}, "active": {"stack": ["a", "b"]}}))
@@ -45,6 +47,7 @@ def test_compile_reports_lower_composition_under_its_own_name(tmp_path):
     assert passes["lower_composition"] > 0
 
 
+@pytest.mark.slow
 def test_verification_failure_exits_3_and_keeps_artifacts(tmp_path, capsys):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"adapters": {"s": "seq_bn"}}))

@@ -50,6 +50,7 @@ def test_missing_checkpoint(capsys, tmp_path, write_spec):
     _assert_clean_failure(*_run(capsys, tmp_path, spec), "$.adapters.a.load", "does not exist")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint(capsys, tmp_path, write_spec):
     broken = tmp_path / "broken"
     shutil.copytree(LORA_CKPT, broken)

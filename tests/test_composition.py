@@ -83,6 +83,7 @@ def test_pinned_dims():
     assert pinned_dims(_spec({"stack": ["a", "b"]}).setup) == {}
 
 
+@pytest.mark.slow
 def test_split_must_cover_the_sequence(tmp_path):
     from fxadapt.pipeline import build
 

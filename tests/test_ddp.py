@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two processes train together (torch.distributed)
+
 STEPS = 3
 
 

@@ -6,6 +6,7 @@ other model) exports without the decomposition fallback."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.export import Dim
@@ -29,6 +30,7 @@ def _captured(module):
     return export_program(module, inputs, shapes).module(), inputs, shapes
 
 
+@pytest.mark.slow
 def test_contiguous_becomes_a_contiguous_clone_and_onnx_exports_directly(tmp_path):
     gm, inputs, shapes = _captured(Heads())
     prepared, count = for_export(gm)

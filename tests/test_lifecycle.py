@@ -169,6 +169,7 @@ def test_summary_lists_adapters_heads_and_the_base(model):
     assert "bottleneck" in model.adapter_summary()
 
 
+@pytest.mark.slow
 def test_compile_writes_the_cli_artifacts_with_the_head(model, tmp_path):
     model.add_adapter("a", LORA, set_active=True)
     _perturb(model, "a")

@@ -3,6 +3,7 @@ matches the unmerged graph; it refuses weights that an unadapted projection also
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import fx
 
@@ -30,6 +31,7 @@ def _lora_nodes(gm: fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), LoRA))
 
 
+@pytest.mark.slow
 def test_merged_onnx_has_base_node_count_and_matches_unmerged(tmp_path):
     base = capture("builtin:tiny-bert")
     base_nodes = export_onnx(export_program(base.module, base.example_inputs, base.dynamic_shapes),

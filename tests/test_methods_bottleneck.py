@@ -110,6 +110,7 @@ def test_every_inserted_node_says_where_it_came_from():
     assert roles == ["residual.ffn", "residual.ffn", "shared"]
 
 
+@pytest.mark.slow
 def test_shared_parameters_save_and_load_under_reference_keys(tmp_path):
     spec = parse_spec({"adapters": {"a": "compacter[reduction_factor=4]"}})
     built = build("builtin:tiny-bert", spec)
@@ -177,6 +178,7 @@ def test_models_without_lm_head_get_the_forward_block_only():
     assert _inv_calls(result) == 1
 
 
+@pytest.mark.slow
 def test_glow_and_lm_head_reverse_export(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**TINY_GPT2)).eval()

@@ -53,6 +53,7 @@ def test_presets_are_the_reference_configs():
     assert _config("lora[composition_mode='scale',r=1]").variant == "ia3"  # "scale" is (IA)^3 whatever the name
 
 
+@pytest.mark.slow
 def test_ia3_placement_follows_the_reference_code():
     """k, v and the FFN's first projection; in a gated FFN the reference's "intermediate" is down_proj."""
     bert = build("builtin:tiny-bert", parse_spec({"adapters": {"a": "ia3"}}))
@@ -114,6 +115,7 @@ def _check_merge(result, expected: int):
     ("builtin:tiny-bert-seqcls", "dvora[r=4,alpha=8]", 4),
     ("builtin:tiny-llama", "lora[r=4,alpha=8,use_dora=True,intermediate_lora=True]", 6),
 ])
+@pytest.mark.slow
 def test_merge_matches_unmerged(model, text, expected):
     _check_merge(_perturbed(model, text), expected)
 
@@ -124,6 +126,7 @@ def test_merge_matches_unmerged(model, text, expected):
     ("gpt2__peft_rslora", 4),  # biases overridden by the checkpoint (bias="lora_only")
     ("llama__peft_all_linear", 14),
 ])
+@pytest.mark.slow
 def test_merge_matches_unmerged_for_peft_checkpoints(case, expected):
     spec = parse_spec({"adapters": {"a": {"load": str(REFERENCE / "cases" / case / "adapter")}}})
     _check_merge(build(str(REFERENCE / "models" / case.split("__")[0]), spec), expected)

@@ -80,6 +80,7 @@ def test_fused_qkv_is_refused():
     mtl_lora.check_site(site, (), "$.adapters.a")  # a separate projection is fine
 
 
+@pytest.mark.slow
 def test_merge_leaves_mtl_lora_unmerged_with_a_reason():
     result = build("builtin:tiny-bert", parse_spec({"adapters": {"a": "mtl_lora[n_up_projection=2]"}}))
     modules = [m for m in result.graph.modules() if isinstance(m, MTLLoRA)]

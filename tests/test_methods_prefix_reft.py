@@ -42,6 +42,7 @@ def _run(result, inputs: dict) -> torch.Tensor:
     ("llama__prefix_tuning", transformers.LlamaModel),  # GQA: prefixes repeated per KV group before q·kᵀ
     ("bert__prompt_tuning", transformers.BertModel),
 ])
+@pytest.mark.slow
 def test_eager_attention_cores_match_the_reference(case, model_class):
     """softmax(q·kᵀ + mask)·v cores: keys are concatenated on kᵀ's last axis, the additive mask padded with 0."""
     info, io = load_case(case)

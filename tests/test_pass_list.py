@@ -84,6 +84,7 @@ def test_debug_env_var_checks_rewrite_passes_run(monkeypatch):
     assert pipeline.build("builtin:tiny-bert", parse_spec(LORA)).pass_counts["breaks"] == 1  # unchecked
 
 
+@pytest.mark.slow
 def test_python_api_compile_runs_the_same_list_and_debug_mode(tmp_path, monkeypatch):
     """AdaptedModel.compile: the same passes under the same names as the CLI, checked after each (env var)."""
     model = fxadapt.AdaptedModel(*capture_base(str(REFERENCE / "models" / "bert")))

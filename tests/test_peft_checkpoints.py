@@ -85,6 +85,7 @@ def test_rank_and_alpha_patterns_and_rslora():
     assert config.scaling(4, 16) == 16 / math.sqrt(4) and _config(target_modules=["k"]).scaling(4, 16) == 4
 
 
+@pytest.mark.slow
 def test_hand_written_all_linear_equals_the_saved_expansion(tmp_path):
     """PEFT saves "all-linear" expanded; written by hand, fxadapt expands it to the same layers and numbers."""
     info, io = load_case("bert_seqcls__peft_all_linear")
@@ -133,6 +134,7 @@ def test_inactive_unknown_options_are_ignored(tmp_path):
     assert parse_spec({"adapters": {"a": {"load": str(directory)}}}).adapters["a"].config.r == 4
 
 
+@pytest.mark.slow
 def test_checkpoint_tensors_must_fit(tmp_path):
     from safetensors.torch import load_file, save_file
 

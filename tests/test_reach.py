@@ -10,6 +10,8 @@ import pytest
 from fxadapt.pipeline import compile_model
 from fxadapt.spec import parse_spec
 
+pytestmark = pytest.mark.slow  # 26 compiles with ONNX export: 13 model families x 2 methods
+
 MODELS = ["tiny-bert", "tiny-roberta", "tiny-distilbert", "tiny-xlm-roberta", "tiny-deberta-v2", "tiny-electra",
           "tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-bart", "tiny-t5", "tiny-vit"]
 SPECS = {"lora": "lora[r=4,alpha=8,init_weights='bert']", "seq_bn": "seq_bn"}

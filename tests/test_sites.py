@@ -25,6 +25,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_sites_per_layer(name):
     attn, ffn, norm, layers = CASES[name]
@@ -46,6 +47,7 @@ def test_gpt2_fused_qkv_chunks():
     assert qkv.fused == ("q", "k", "v") and qkv.layout == "addmm" and qkv.out_features == 96
 
 
+@pytest.mark.slow
 def test_cross_attention_is_separate():
     sites = find_sites(capture("builtin:tiny-bart").module)
     decoder = [s for s in sites.linears if s.module.startswith("decoder.layers.0.encoder_attn")]
