@@ -18,6 +18,8 @@ An attention core is `scaled_dot_product_attention`, or `softmax` fed by `matmul
 
 from __future__ import annotations
 
+import math
+import operator
 import re
 from collections import deque
 from collections.abc import Iterator
@@ -137,12 +139,36 @@ def _backtrace(start: fx.Node, stop_ops: set) -> list[tuple[fx.Node, int | None,
         if node.op != "call_function" or is_call(node, stop_ops):
             continue
         act_here = act or is_call(node, ACTIVATIONS)
-        if node.target is __import__("operator").getitem and is_call(node.args[0], _SPLITS):
+        if node.target is operator.getitem and is_call(node.args[0], _SPLITS):
             queue.append((node.args[0], node.args[1], act_here))
             continue
         for parent in tensor_inputs(node):
             queue.append((parent, chunk, act_here))
     return [(n, c, a) for n, (c, a) in found.items()]
+
+
+def _splits_features(projection: fx.Node) -> bool:
+    """Whether the projection's output is split along its whole feature axis ([q | k | v] blocks, GPT-2's
+    c_attn), not after a view into heads (per-head [q k v] groups, GPT-NeoX)."""
+    features = shape_of(projection)[-1] if shape_of(projection) else None
+    queue, seen, splits = deque([projection]), set(), []
+    while queue and len(seen) < 32:
+        for user in queue.popleft().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_call(user, _SPLITS):
+                splits.append(user)
+            elif is_call(user, PASS_THROUGH) and user.target is not operator.getitem:
+                queue.append(user)
+    for split in splits:
+        shape = shape_of(split.args[0])
+        position = 1 if is_call(split, {aten.unbind.int}) else 2
+        dim = split.args[position] if len(split.args) > position else split.kwargs.get("dim", 0)
+        # The split axis must be the outermost of the feature axes: [..., 3·h] or [..., 3, h], not [..., heads, 3·d].
+        if shape is None or math.prod(shape[dim % len(shape):]) != features:
+            return False
+    return bool(splits)
 
 
 def _forward_projection(start: fx.Node) -> fx.Node | None:
@@ -255,14 +281,16 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
         cross = "q" in inputs and "k" in inputs and inputs["q"] is not inputs["k"]
         kind = "xattn" if cross else "attn"
         projections = {hit[0] for hit in found.values()}
-        if len(projections) == 1 and all(hit[1] is not None for hit in found.values()):
+        fused_projection = next(iter(projections)) if len(projections) == 1 else None
+        if fused_projection is not None and all(hit[1] is not None for hit in found.values()) \
+                and _splits_features(fused_projection):
             fused = tuple(sorted(found, key=lambda n: found[n][1]))
-            claim(next(iter(projections)), f"{kind}.qkv", fused)
-        elif len(projections) == 1:
-            # One projection feeds q, k and v through a per-head interleaved layout (BLOOM's and Falcon's
-            # query_key_value): no equal chunks to adapt apart, so it is adapted whole under the query's
-            # role, as PEFT adapts `query_key_value`.
-            claim(next(iter(projections)), f"{kind}.q")
+            claim(fused_projection, f"{kind}.qkv", fused)
+        elif fused_projection is not None:
+            # One projection feeds q, k and v through a per-head interleaved layout (BLOOM's, Falcon's and
+            # GPT-NeoX's query_key_value): no [q | k | v] blocks to adapt apart, so it is adapted whole under
+            # the query's role, as PEFT adapts `query_key_value`.
+            claim(fused_projection, f"{kind}.q")
         else:
             for name, (proj, _, _) in found.items():
                 claim(proj, f"{kind}.{name}")

@@ -159,3 +159,32 @@ def test_an_uncapturable_model_is_one_user_error():
     shapes = {"x": {0: Dim("batch", min=1, max=64)}}
     with pytest.raises(UserError, match="torch.export could not capture _DataDependent"):
         export_refining_dims(_DataDependent(), {"x": torch.randn(2, 5)}, shapes)
+
+
+class _InterleavedQKV(nn.Module):
+    """GPT-NeoX's fused projection: viewed into heads first, then each head's [q k v] split apart."""
+
+    def __init__(self, blocks: bool) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.qkv, self.o = nn.Linear(HIDDEN, 3 * HIDDEN), nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        fused = self.qkv(x)
+        if self.blocks:  # GPT-2: [q | k | v] blocks of the whole feature axis
+            q, k, v = (t.view(b, s, 2, HIDDEN // 2).transpose(1, 2) for t in fused.split(HIDDEN, dim=-1))
+        else:
+            q, k, v = fused.view(b, s, 2, 3 * HIDDEN // 2).transpose(1, 2).chunk(3, dim=-1)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return (x + self.o(out.transpose(1, 2).reshape(b, s, HIDDEN)),)
+
+
+@pytest.mark.parametrize("blocks", [True, False])
+def test_fused_qkv_chunks_only_for_whole_feature_blocks(blocks):
+    model = nn.Module()
+    model.layers = nn.ModuleList([_InterleavedQKV(blocks)])
+    model.forward = lambda x: model.layers[0](x)
+    sites = find_sites(capture(model, _inputs()).module)
+    (site,) = [s for s in sites.linears if s.module.endswith("qkv")]
+    assert (site.role, site.fused) == (("attn.qkv", ("q", "k", "v")) if blocks else ("attn.q", ()))
