@@ -18,6 +18,7 @@ verification failure keeps the artifacts (exit 3 from the CLI). report.json is s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from torch import fx
 
 from . import __version__, pass_checks, pass_list
 from .capture import Captured, capture, export_program, flatten_outputs
+from .checkpoints.bounds import allocation_bound
 from .compose.task_inputs import with_task_ids
 from .composition import check_sizes, multi_task_children, pinned_dims, setup_dynamic_shapes
 from .export.reproducible import save_program
@@ -135,7 +137,7 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
     check = pass_checks.graph_runs(captured.example_inputs) if pass_list.debug_enabled(debug) else None
     # New adapters are initialised from a fixed seed (the caller's RNG state is left as it was), so the same
     # spec compiles to the same bytes; checkpoint weights overwrite the initial values anyway.
-    with stage("rewrite", "inserting adapters"), torch.random.fork_rng(devices=[]):
+    with stage("rewrite", "inserting adapters"), torch.random.fork_rng(devices=[]), _checkpoint_bound(spec, gm):
         torch.manual_seed(INIT_SEED)
         gm, counts = pass_list.rewrite(gm, context, check)
     # Re-export with the dims the setup pins static and a Parallel's batch bounded.
@@ -146,6 +148,20 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
         snapshots.append(snapshot(gm, "rewritten"))
     result = Result(captured, sites, gm, counts, timings=timings, snapshots=snapshots)
     return result
+
+
+def _checkpoint_bound(spec: Spec, gm: fx.GraphModule) -> contextlib.AbstractContextManager:
+    """Where every active adapter comes from a checkpoint, what the rewrite allocates is bounded by what those
+    checkpoints hold (checkpoints/bounds.py): a hostile config (`r: 10**9`) is refused before it is allocated.
+    A fusion built fresh is sized by the model, so it may add up to twice the model's parameters."""
+    adapters = [spec.adapters[name] for name in spec.active]
+    if any(a.load is None for a in adapters):
+        return contextlib.nullcontext()  # sizes the user wrote in the spec are theirs to choose
+    directories = [a.load for a in adapters] + [f.load for f in spec.fusions if f.load is not None]
+    fresh_fusions = any(f.load is None for f in spec.fusions)
+    extra = 2 * sum(p.numel() for p in gm.parameters()) if fresh_fusions else 0
+    path = f"{adapters[0].path}.load" if len(adapters) == 1 else "$.adapters"
+    return allocation_bound(directories, path, extra)
 
 
 def optimize(result: Result, spec: Spec, progress: Progress = lambda _: None,

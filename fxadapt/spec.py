@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from . import checkpoints, methods
+from .checkpoints.adapterhub import refuse_constant
 from .compose.fusion_spec import parse_fusions
 from .compose.rules import check_setup
 from .composition import parse_composition
@@ -78,7 +79,7 @@ def load_spec(path: str | Path) -> Spec:
     except UnicodeDecodeError as exc:
         raise UserError(f"spec {path}: byte {exc.start} is not UTF-8 text; save the spec as UTF-8 JSON.") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=refuse_constant(f"spec {path}"))
     except json.JSONDecodeError as exc:
         raise UserError(f"spec {path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
     except RecursionError:  # thousands of nested brackets exhaust the parser's stack

@@ -54,7 +54,7 @@ def read_checkpoint_json(directory: Path, path: str, config_file: str = CONFIG_F
 def read_json_file(file: Path, path: str) -> Any:
     """A JSON file from an untrusted checkpoint: every way it can be unreadable is a UserError naming it."""
     try:
-        return json.loads(file.read_bytes().decode("utf-8"))
+        return json.loads(file.read_bytes().decode("utf-8"), parse_constant=refuse_constant(f"{path}: {file}"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: {file} is corrupt (line {exc.lineno}: {exc.msg}).") from None
     except UnicodeDecodeError:
@@ -65,6 +65,14 @@ def read_json_file(file: Path, path: str) -> Any:
         raise UserError(f"{path}: {file} holds a value that cannot be read ({exc}).") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read {file} ({exc.strerror or exc}).") from None
+
+
+def refuse_constant(where: str):
+    """A json `parse_constant` hook: NaN and Infinity are not JSON, and as a config value (alpha, scaling) they
+    would only show up later as outputs that differ."""
+    def refuse(token: str):
+        raise UserError(f"{where} holds {token}, which is not a JSON number; write a finite value.")
+    return refuse
 
 
 def read_weights(directory: Path, path: str, files: tuple[str, ...] = WEIGHT_FILES,

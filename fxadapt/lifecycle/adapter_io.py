@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import checkpoints
 from ..checkpoints import adapterhub
+from ..checkpoints.bounds import allocation_bound
 from ..errors import UserError
 from ..names import check_name
 from ..spec import resolve_adapter
@@ -51,7 +52,8 @@ class AdapterIOMixin:
             check_name(saved, f"{path}: {directory / adapterhub.CONFIG_FILE} \"name\"")
         adapter.name = load_as or saved or directory.name
         self._check_new(adapter.name, False, path)
-        gm, placements = self._add(adapter)
+        with allocation_bound([directory], path):  # the config's sizes cannot allocate beyond the tensors
+            gm, placements = self._add(adapter)
         try:
             # checkpoints.load_into detects AdapterHub or PEFT; older trees only have the AdapterHub loader.
             load_into = getattr(checkpoints, "load_into", adapterhub.load_into)
