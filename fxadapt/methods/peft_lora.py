@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .. import safe_regex
 from ..errors import UserError
 from ..graph_edit import add_module, slug
 from ..projections import find_projections, output_heads
@@ -141,27 +142,27 @@ def _check_names(config: Config, path: str, key: str) -> None:
 
 def _pattern_key(patterns: dict[str, Any], name: str) -> str:
     """PEFT's get_pattern_key: the first pattern matching the end of `name` at a module boundary."""
-    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), name)
+    return next((key for key in patterns if safe_regex.match(rf"(.*\.)?({key})$", name)), name)
 
 
 def _layer_index(config: Config, name: str) -> int | None:
     """The layer index PEFT reads from a module name for `layers_to_transform`."""
     if not config.layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        match = safe_regex.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
         patterns = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern
-        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
+        match = next((m for p in patterns if (m := safe_regex.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
     return int(match.group("idx")) if match else None
 
 
 def is_target(config: Config, name: str, heads: set[str]) -> bool:
     """Whether PEFT would adapt the module `name` (see the module docstring)."""
     exclude = config.exclude_modules
-    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+    if isinstance(exclude, str) and safe_regex.fullmatch(exclude, name):
         return False
     if isinstance(exclude, list) and (name in exclude or any(name.endswith(f".{e}") for e in exclude)):
         return False
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save or []):
+    if any(safe_regex.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save or []):
         return False
     targets = config.target_modules
     if isinstance(targets, str) and targets.lower() == "all-linear":
@@ -169,7 +170,7 @@ def is_target(config: Config, name: str, heads: set[str]) -> bool:
             return True
         return name.rpartition(".")[2] in SEQ_CLS_HEADS and config.task_type != "SEQ_CLS"
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        return safe_regex.fullmatch(targets, name) is not None
     if name in targets:
         return True  # exact names bypass layers_to_transform, as in PEFT
     if not any(name.endswith(f".{t}") for t in targets):
