@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,10 @@ def load_model(name: str, task: str | None = None) -> torch.nn.Module:
         cls = transformers.AutoModel
     try:
         model = cls.from_pretrained(name, config=config)
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False: never, for untrusted files
+        raise UserError(f"model {name!r}: its pickle weights (pytorch_model.bin) hold objects other than tensors, "
+                        "which fxadapt does not unpickle because unpickling can run code. Use a model directory "
+                        "with model.safetensors, converted from a source you trust.") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"model {name!r}: cannot load its weights ({str(exc).splitlines()[0]}).") from None
     return model.eval()
