@@ -49,7 +49,19 @@ def reference_case_params() -> list:
     missing = sorted(FAST_REFERENCE_CASES - set(cases))
     if missing:  # a renamed or removed fixture must not silently drop a method or block from the fast tier
         raise LookupError(f"FAST_REFERENCE_CASES names no fixture {missing}: pick another representative")
+    blocks = {c: _blocks(json.loads((REFERENCE / "cases" / c / "case.json").read_text()).get("setup")) for c in cases}
+    uncovered = set().union(*blocks.values()) - set().union(*(blocks[c] for c in FAST_REFERENCE_CASES))
+    if uncovered:
+        raise LookupError(f"no case in FAST_REFERENCE_CASES composes a {sorted(uncovered)} block: add one")
     return [pytest.param(c, marks=() if c in FAST_REFERENCE_CASES else pytest.mark.slow) for c in cases]
+
+
+def _blocks(setup) -> set[str]:
+    """The composition block kinds in a case's setup JSON ("stack", "parallel", ...)."""
+    if not isinstance(setup, dict):
+        return set()
+    kinds = setup.keys() & {"stack", "parallel", "fuse", "split", "batch_split", "average", "multi_task"}
+    return set(kinds).union(*(_blocks(child) for kind in kinds for child in setup[kind]))
 
 
 def load_case(name: str) -> tuple[dict, dict]:
