@@ -151,16 +151,18 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
 
 
 def _checkpoint_bound(spec: Spec, gm: fx.GraphModule) -> contextlib.AbstractContextManager:
-    """Where every active adapter comes from a checkpoint, what the rewrite allocates is bounded by what those
+    """Where active adapters come from checkpoints, what the rewrite allocates is bounded by what those
     checkpoints hold (checkpoints/bounds.py): a hostile config (`r: 10**9`) is refused before it is allocated.
-    A fusion built fresh is sized by the model, so it may add up to twice the model's parameters."""
+    Adapters and fusions the spec builds fresh (composed with loaded ones) may add up to twice the model's
+    parameters: far more than any sane adapter, far less than what a hostile size asks for."""
     adapters = [spec.adapters[name] for name in spec.active]
-    if any(a.load is None for a in adapters):
+    loaded = [a for a in adapters if a.load is not None]
+    if not loaded:
         return contextlib.nullcontext()  # sizes the user wrote in the spec are theirs to choose
-    directories = [a.load for a in adapters] + [f.load for f in spec.fusions if f.load is not None]
-    fresh_fusions = any(f.load is None for f in spec.fusions)
-    extra = 2 * sum(p.numel() for p in gm.parameters()) if fresh_fusions else 0
-    path = f"{adapters[0].path}.load" if len(adapters) == 1 else "$.adapters"
+    directories = [a.load for a in loaded] + [f.load for f in spec.fusions if f.load is not None]
+    fresh = len(loaded) < len(adapters) or any(f.load is None for f in spec.fusions)
+    extra = 2 * sum(p.numel() for p in gm.parameters()) if fresh else 0
+    path = f"{loaded[0].path}.load" if len(loaded) == 1 else "$.adapters"
     return allocation_bound(directories, path, extra)
 
 

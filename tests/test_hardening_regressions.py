@@ -156,6 +156,25 @@ def test_hostile_checkpoint_configs_exit_2(capsys, tmp_path, source, change, phr
 
 
 @pytest.mark.slow
+def test_a_hostile_checkpoint_composed_with_a_fresh_adapter_is_refused_before_allocation(capsys, tmp_path):
+    directory = _checkpoint(tmp_path, SEQ_BN, change={"reduction_factor": 1e-7})
+    spec = {"adapters": {"a": {"load": str(directory)}, "b": "seq_bn"}, "active": {"stack": ["a", "b"]}}
+    _assert_refused(*_compile(capsys, tmp_path, spec), "disagree with its tensors")
+
+
+@pytest.mark.parametrize("bad", [NAN, float("inf")])
+def test_non_finite_checkpoint_weights_exit_2_not_3(capsys, tmp_path, bad):
+    import torch
+
+    directory = _checkpoint(tmp_path, LORA)
+    weights = torch.load(directory / "pytorch_adapter.bin", weights_only=True)
+    key = sorted(weights)[0]
+    weights[key].view(-1)[0] = bad
+    torch.save(weights, directory / "pytorch_adapter.bin")
+    _assert_refused(*_compile(capsys, tmp_path, {"adapters": {"a": {"load": str(directory)}}}), "NaN or Inf")
+
+
+@pytest.mark.slow
 def test_valid_checkpoints_still_compile_under_the_allocation_bound(capsys, tmp_path):
     """The bound must not refuse honest checkpoints: a composition of two loaded adapters and a loaded fusion."""
     spec = {"adapters": {"a": {"load": str(FUSION / "adapter_a")}, "b": {"load": str(FUSION / "adapter_b")}},
