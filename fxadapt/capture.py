@@ -7,10 +7,12 @@ every node's metadata (`nn_module_stack`, `val`), which the site finder and the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import pickle
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,23 +190,29 @@ def use_exportable_experts(model: torch.nn.Module) -> None:
         model.set_experts_implementation("batched_mm")
 
 
-def use_exportable_masks(model: torch.nn.Module) -> None:
-    """Attention masks built without `torch.vmap`: transformers 4.57 builds sdpa masks with vmap, which
-    export captures as higher-order-op submodules that do not survive graph rewriting; its own exporter
-    (integrations/executorch.py) registers the vmap-free mask as "sdpa_without_vmap", and so does this.
-    transformers 5.x builds masks without vmap and has no such function."""
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
-        return
+@contextlib.contextmanager
+def exportable_masks() -> Iterator[None]:
+    """While exporting, sdpa attention masks are built without `torch.vmap`: transformers 4.57 builds them
+    with vmap, which export captures as higher-order-op submodules that do not survive graph rewriting.
+    Its own exporter (integrations/executorch.py) swaps in `sdpa_mask_without_vmap`; this swaps it in for
+    "sdpa" only for the export, so models that test `_attn_implementation == "sdpa"` (DistilBERT) are
+    unaffected. transformers 5.x builds masks without vmap and has no such function: nothing to do."""
     try:
         from transformers.integrations.executorch import sdpa_mask_without_vmap
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     except ImportError:
+        yield
         return
-    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_without_vmap", sdpa_mask_without_vmap)
-    ALL_ATTENTION_FUNCTIONS.register("sdpa_without_vmap", ALL_ATTENTION_FUNCTIONS["sdpa"])
-    config._attn_implementation = "sdpa_without_vmap"
+    local = ALL_MASK_ATTENTION_FUNCTIONS._local_mapping
+    previous = local.get("sdpa")
+    ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] = sdpa_mask_without_vmap
+    try:
+        yield
+    finally:
+        if previous is None:
+            local.pop("sdpa", None)
+        else:
+            local["sdpa"] = previous
 
 
 def output_names_of(outputs: Any) -> list[str]:
@@ -220,7 +228,8 @@ def export_program(module: torch.nn.Module, inputs: dict[str, torch.Tensor],
                    dynamic_shapes: dict[str, dict[int, Any]]) -> torch.export.ExportedProgram:
     """torch.export (non-strict) with the given dynamic dims; errors name the model and say why."""
     try:
-        return torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+        with exportable_masks():
+            return torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
         raise UserError(_capture_failure(module, exc)) from exc
 
@@ -238,8 +247,9 @@ def export_refining_dims(module: torch.nn.Module, inputs: dict[str, torch.Tensor
     Returns the program and the dims it was captured with."""
     for _ in range(3):
         try:
-            return torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes,
-                                       strict=False), dynamic_shapes
+            with exportable_masks():
+                return torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes,
+                                           strict=False), dynamic_shapes
         except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
             refined = _refined_dims(str(exc), dynamic_shapes)
             if refined is None or refined == dynamic_shapes:
@@ -286,7 +296,6 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = False
     use_exportable_experts(model)
-    use_exportable_masks(model)
     if example_inputs is None:
         names = input_names_for(model)
         bound = sequence_bound(model, config)
