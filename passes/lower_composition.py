@@ -139,6 +139,12 @@ def _lower_linear(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list, i
     """`y' = LoRASite(x, y[, task_ids][, W, b], *shared)` at every graph node of one projection (see LoRASite);
     returns (nodes made, placements)."""
     site = sites.linears[index]
+    if site.in_features != site.out_features and any(_chains(branch, modules) for branch in paths):
+        raise UserError(f"{spec.setup.path}: a stack feeds each LoRA-family adapter's update into the next one's "
+                        "input (as the reference does), which needs a square projection, but "
+                        f"{site.module} ({site.role}, layer {site.layer}) maps {site.in_features} -> "
+                        f"{site.out_features} features; the reference fails there too. Stack adapters that adapt "
+                        "different projections (e.g. attn_matrices only), or use parallel or average.")
     task_ids = _task_ids(gm) if _has_multi_task(spec.setup) else None
     uses = {n: shared[n] for n in modules if n in shared}
     module = LoRASite(paths, {n: m.module for n, m in modules.items()}, task_ids is not None,
@@ -157,6 +163,17 @@ def _lower_linear(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list, i
     placements = [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",
                             m.reference_module, 0) for n, m in modules.items()]
     return inserted, placements
+
+
+def _chains(setup: Block | str, present: dict) -> bool:
+    """Whether a stack in `setup` runs two or more of the adapters `present` at a site one after the other."""
+    if isinstance(setup, str):
+        return False
+    if setup.kind == "stack":
+        acting = [c for c in setup.children if any(n in present for n in ([c] if isinstance(c, str) else c.flatten()))]
+        if len(acting) > 1:
+            return True
+    return any(_chains(child, present) for child in setup.children if isinstance(child, Block))
 
 
 # How a composed site of each SiteModule kind is lowered, in this order: ReFT wraps a layer output before its

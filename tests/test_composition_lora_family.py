@@ -201,3 +201,19 @@ def test_gpt2_conv1d_projections_compose_with_their_own_layout():
     expected = torch.cat([_single(model, "d", inputs), _single(model, "g", inputs)])
     assert (out - expected).abs().max().item() <= 1e-5
     assert (expected[:2] - expected[2:]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("setup", [{"stack": ["a", "b"]}, {"stack": ["c", {"parallel": ["a", "b"]}]}])
+def test_a_stack_over_a_non_square_projection_is_a_user_error(setup):
+    """A stack feeds one LoRA's update into the next one's A: on the FFN's 32 -> 64 projection that cannot
+    work (the reference crashes with a shape error); fxadapt names the site instead of crashing."""
+    ffn = "lora[r=2,alpha=4,intermediate_lora=True,output_lora=True]"
+    spec = parse_spec({"adapters": {"a": ffn, "b": ffn, "c": ffn}, "active": setup})
+    with pytest.raises(UserError, match=r"square projection.*(32 -> 64|64 -> 32)"):
+        build(str(BERT), spec)
+
+
+def test_a_stack_of_attention_loras_is_not_refused():
+    adapters = {"a": "lora[r=2,alpha=4]", "b": "lora[r=4,alpha=8]"}
+    spec = parse_spec({"adapters": adapters, "active": {"stack": ["a", "b"]}})
+    assert build(str(BERT), spec).pass_counts["lower_composition"] > 0

@@ -35,7 +35,7 @@ def _config(text: str):
     ("ia3[use_dora=True]", "$.adapters.a.use_dora", "add"),
     ("vera[vera_d=1]", "$.adapters.a.vera_d", "float"),
     ("lora[vera_d=0.1]", "$.adapters.a.vera_b", "both"),
-    ("lora[use_gating=1]", "$.adapters.a.use_gating", "bool"),
+    ("lora[use_gating=1]", "$.adapters.a.use_gating", "true or false"),
     ("dora[init_weights='xavier']", "$.adapters.a.init_weights", "expected one of"),
 ])
 def test_config_errors_name_the_field(text, field, words):
