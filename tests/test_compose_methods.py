@@ -45,6 +45,7 @@ def _run(result, inputs) -> list[torch.Tensor]:
         return flatten_outputs(result.graph(**inputs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [
     "seq_bn", "double_seq_bn", "par_bn", "adapterplus[reduction_factor=8]", "compacter[reduction_factor=4]",
     "compacter++[reduction_factor=4,shared_W_phm=True]", "seq_bn_inv",

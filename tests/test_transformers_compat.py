@@ -92,6 +92,7 @@ def test_torchscript_names_outputs_of_a_keyless_model_output(tmp_path):
     assert torch.allclose(pooled, expected["pooled"]) and torch.allclose(hidden, expected["last_hidden_state"])
 
 
+@pytest.mark.slow
 def test_pt2_loads_in_a_process_without_the_output_class(tmp_path):
     gm, inputs, shapes = _captured()
     path = tmp_path / "model.pt2"
