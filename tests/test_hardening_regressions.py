@@ -158,7 +158,6 @@ def test_hostile_checkpoint_configs_exit_2(capsys, tmp_path, source, change, phr
     assert time.perf_counter() - start < 30, "a regex or an allocation was not bounded"
 
 
-@pytest.mark.slow
 def test_a_hostile_checkpoint_composed_with_a_fresh_adapter_is_refused_before_allocation(capsys, tmp_path):
     directory = _checkpoint(tmp_path, SEQ_BN, change={"reduction_factor": 1e-7})
     spec = {"adapters": {"a": {"load": str(directory)}, "b": "seq_bn"}, "active": {"stack": ["a", "b"]}}
