@@ -280,3 +280,17 @@ def test_save_adapter_fusion_keeps_unrelated_files(model, tmp_path):
     names = {p.name for p in target.iterdir()}
     assert {"notes.txt", "adapter_fusion_config.json", "adapter_config.json"} <= names, names
     assert (target / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("content, phrase", [(b"\xff\xfe{}", "not UTF-8"),
+                                             (b"[" * 100_000, "nested too deeply|corrupt"),
+                                             (b'{"config": {"temperature": NaN}}', "NaN")])
+def test_unreadable_fusion_configs_exit_2(capsys, tmp_path, content, phrase):
+    fusion = tmp_path / "fusion"
+    shutil.copytree(FUSION / "fusion_a_b", fusion)
+    (fusion / "adapter_fusion_config.json").write_bytes(content)
+    spec = {"adapters": {"a": {"load": str(FUSION / "adapter_a")}, "b": {"load": str(FUSION / "adapter_b")}},
+            "active": {"fuse": ["a", "b"]}, "fusions": [{"load": str(fusion)}]}
+    code, err, out = _compile(capsys, tmp_path, spec)
+    assert code == 2 and re.search(phrase, err) and "Traceback" not in err, err
+    assert not out.parent.exists()
