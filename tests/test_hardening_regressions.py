@@ -294,3 +294,20 @@ def test_unreadable_fusion_configs_exit_2(capsys, tmp_path, content, phrase):
     code, err, out = _compile(capsys, tmp_path, spec)
     assert code == 2 and re.search(phrase, err) and "Traceback" not in err, err
     assert not out.parent.exists()
+
+
+def test_a_writable_out_in_a_read_only_parent_is_published_into(tmp_path, monkeypatch):
+    """The audit's container setup: OUT is a writable mount in a read-only parent; staging inside OUT needs
+    nothing from the parent."""
+    import os
+
+    from fxadapt import publish
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real = os.access
+    monkeypatch.setattr(publish.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
+    with (publication := publish.Publication(out)) as staging:
+        (staging / "report.json").write_text("{}")
+        publication.commit()
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
