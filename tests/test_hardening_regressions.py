@@ -256,7 +256,7 @@ def test_a_checkpoint_name_outside_the_target_is_refused(model, tmp_path):
     assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "escaped").exists()
 
 
-@pytest.mark.parametrize("name", ["__init__", "../x", "a/b", "x" * 200])
+@pytest.mark.parametrize("name", ["__init__", "../x", "a/b", "x" * 200], ids=["dunder", "dotdot", "slash", "long"])
 def test_add_adapter_refuses_names_that_shadow_or_escape(model, name):
     with pytest.raises(UserError, match="adapter name"):
         model.add_adapter(name, "lora")
@@ -284,7 +284,8 @@ def test_save_adapter_fusion_keeps_unrelated_files(model, tmp_path):
 
 @pytest.mark.parametrize("content, phrase", [(b"\xff\xfe{}", "not UTF-8"),
                                              (b"[" * 100_000, "nested too deeply|corrupt"),
-                                             (b'{"config": {"temperature": NaN}}', "NaN")])
+                                             (b'{"config": {"temperature": NaN}}', "NaN")],
+                         ids=["not_utf8", "nested_deep", "nan_token"])
 def test_unreadable_fusion_configs_exit_2(capsys, tmp_path, content, phrase):
     fusion = tmp_path / "fusion"
     shutil.copytree(FUSION / "fusion_a_b", fusion)
