@@ -18,7 +18,6 @@ from fxadapt.compose import fusion_spec
 from fxadapt.compose.bottleneck_site import BottleneckSite
 from fxadapt.compose.fusion import Fusion
 from fxadapt.compose.invertible_site import lower_invertible
-from fxadapt.compose.lora_site import LoRASite
 from fxadapt.compose.prefix_site import lower_prefix
 from fxadapt.compose.reft_site import lower_reft
 from fxadapt.composition import Block
@@ -27,7 +26,8 @@ from fxadapt.graph_edit import Emitter, add_module
 from fxadapt.graph_ops import aten
 from fxadapt.methods import bottleneck
 from fxadapt.methods.base import Placement, SiteModule, freeze
-from fxadapt.methods.lora_family import projection_io, shared_attrs, weight_and_bias
+from fxadapt.methods.lora import projection_io, shared_attrs, weight_and_bias
+from fxadapt.methods.lora.site import LoRASite
 from fxadapt.sites import SiteMap
 from fxadapt.spec import Spec
 

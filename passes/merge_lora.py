@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from fxadapt import meta
 from fxadapt.graph_ops import ADD, ADDMM, aten, is_call, weight_node
-from fxadapt.methods.lora_family import FamilyModule, weight_and_bias
+from fxadapt.methods.lora import FamilyModule, weight_and_bias
 
 from .manager import PassResult
 

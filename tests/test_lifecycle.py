@@ -97,7 +97,7 @@ def test_lora_is_also_saved_in_peft_layout(model, tmp_path):
     assert torch.equal(weights[f"{query}.lora_B.weight"], model.fxadapt.a.L0_attn_q.lora_B)
     assert len(weights) == 2 * 3 * 2  # A and B for q, v and the FFN's first projection, in 2 layers
     assert sorted(config["target_modules"])[0] == "encoder.layer.0.attention.self.query"
-    pytest.importorskip("fxadapt.methods.peft_lora", reason="PEFT checkpoints are read by the peft_lora method")
+    pytest.importorskip("fxadapt.methods.lora.peft", reason="PEFT checkpoints are read by the peft_lora method")
     inputs = _inputs(model)
     expected = _out(model, inputs)
     assert model.load_adapter(tmp_path / "a" / "peft", load_as="p", set_active=True) == "p"

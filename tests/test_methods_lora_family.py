@@ -14,7 +14,7 @@ from conftest import REFERENCE
 from fxadapt import meta
 from fxadapt.capture import flatten_outputs
 from fxadapt.errors import UserError
-from fxadapt.methods.lora_family import FamilyModule
+from fxadapt.methods.lora import FamilyModule
 from fxadapt.passes.merge_lora import merge_lora
 from fxadapt.pipeline import build
 from fxadapt.spec import parse_spec

@@ -13,8 +13,8 @@ import torch
 
 from fxadapt.capture import flatten_outputs
 from fxadapt.errors import UserError
-from fxadapt.methods import mtl_lora
-from fxadapt.methods.mtl_lora import MTLLoRA
+from fxadapt.methods.lora import mtl as mtl_lora
+from fxadapt.methods.lora.mtl import MTLLoRA
 from fxadapt.passes.merge_lora import merge_lora
 from fxadapt.pipeline import build
 from fxadapt.spec import parse_spec

@@ -14,8 +14,8 @@ import torch
 from conftest import REFERENCE, load_case
 from fxadapt.capture import flatten_outputs
 from fxadapt.errors import UserError
-from fxadapt.methods import peft_lora
-from fxadapt.methods.peft_lora import Config, is_target
+from fxadapt.methods.lora import peft as peft_lora
+from fxadapt.methods.lora.peft import Config, is_target
 from fxadapt.pipeline import build
 from fxadapt.spec import parse_spec
 

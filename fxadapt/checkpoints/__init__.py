@@ -16,7 +16,7 @@ from . import adapterhub, peft
 def read_config(directory: Path, path: str) -> tuple[ModuleType, MethodConfig]:
     """(method module, validated config) of the checkpoint in `directory`."""
     from .. import methods
-    from ..methods import peft_lora
+    from ..methods.lora import peft as peft_lora
 
     if peft.is_peft(adapterhub.read_checkpoint_json(directory, path)):
         return peft_lora, peft.read_config(directory, path)

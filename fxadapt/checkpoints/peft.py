@@ -2,7 +2,7 @@
 
 Keys are `base_model.model.<module path>.<tensor>` with PEFT's adapter name removed, e.g.
 `base_model.model.encoder.layer.0.attention.self.query.lora_A.weight`, `...lora_B.weight`,
-`...lora_magnitude_vector` (DoRA). The adapter modules (methods/peft_lora.py) mirror those names, so
+`...lora_magnitude_vector` (DoRA). The adapter modules (methods/lora/peft.py) mirror those names, so
 each tensor maps to `<placement.reference_module>.<state name>`. Other tensors are base-model
 parameters the checkpoint overrides: biases (`bias` "all"/"lora_only", saved as `<module>.base_layer.bias`
 for adapted modules) and `modules_to_save` (e.g. a classifier head); they replace the captured model's
@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import UserError
-from ..methods import peft_lora
+from ..methods.lora import peft as peft_lora
 from . import adapterhub
 from .adapterhub import read_checkpoint_json
 

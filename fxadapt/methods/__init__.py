@@ -10,13 +10,20 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import UserError
-from . import bottleneck, lora, mtl_lora, prefix_tuning, prompt_tuning, reft, union
+from . import bottleneck, lora, prefix_tuning, prompt_tuning, reft, union
 from .base import MethodConfig
+from .lora import mtl as mtl_lora
 
-# Method modules by AdapterHub `architecture`. Bottleneck configs are saved without that field.
-BY_ARCHITECTURE: dict[str, ModuleType] = {"bottleneck": bottleneck, "lora": lora}
-BY_ARCHITECTURE.update({"prefix_tuning": prefix_tuning, "prompt_tuning": prompt_tuning, "reft": reft})
-BY_ARCHITECTURE.update({"mtl_lora": mtl_lora, "union": union})
+# Method modules by AdapterHub `architecture`, one line per method. Bottleneck configs are saved without that field.
+BY_ARCHITECTURE: dict[str, ModuleType] = {
+    "bottleneck": bottleneck,
+    "lora": lora,
+    "prefix_tuning": prefix_tuning,
+    "prompt_tuning": prompt_tuning,
+    "reft": reft,
+    "mtl_lora": mtl_lora,
+    "union": union,
+}
 
 # AdapterHub config names fxadapt does not implement yet: a clear message, not "unknown".
 PLANNED: set[str] = set()

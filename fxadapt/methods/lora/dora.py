@@ -4,7 +4,7 @@
 
 with the magnitude m (`m.weight`, [out, 1], initialised to ||W||_row) and the row norm taken over the
 *unscaled* B A, as the reference's forward does. The paper and PEFT normalise W + s·B A and leave the
-bias out (PEFT's variant lives in peft_lora.py); a checkpoint is reproduced only with the formula it
+bias out (PEFT's variant lives in peft.py); a checkpoint is reproduced only with the formula it
 was trained under, so fxadapt keeps each library's.
 
 Merging folds the same expression: W' = f ⊙ (W + s·B A), b' = f ⊙ b, f = m / ||W + B A||_row, so
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import UserError
-from ..sites import LinearSite
-from .lora import LoRA
+from ...errors import UserError
+from ...sites import LinearSite
+from .module import LoRA
 
 
 def attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:

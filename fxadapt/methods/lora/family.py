@@ -6,7 +6,7 @@ A family module is applied to one projection y = W x + b in one of three ways (i
     "scale"    y' = y * module(x)                     (IA)^3
     "replace"  y' = module(x, y, W, b, *shared)       DoRA (needs W for its column norm)
 
-Under a composition block (compose/lora_site.py) the same modules give `update(hidden, x)` (the
+Under a composition block (site.py) the same modules give `update(hidden, x)` (the
 reference's module forward on the composed state) and `combine(y, update, W, b)` (how the last one's
 update meets y); both are the module's own forward split in two, not a copy of it.
 
@@ -22,11 +22,11 @@ from typing import ClassVar
 import torch
 from torch import fx, nn
 
-from .. import meta
-from ..errors import UserError
-from ..graph_edit import Emitter
-from ..graph_ops import ADDMM, aten, is_call
-from ..sites import LinearSite
+from ... import meta
+from ...errors import UserError
+from ...graph_edit import Emitter
+from ...graph_ops import ADDMM, aten, is_call
+from ...sites import LinearSite
 
 
 class FamilyModule(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lora_family import FamilyModule, gate_mean
+from .family import FamilyModule, gate_mean
 
 
 class IA3(FamilyModule):

@@ -12,113 +12,20 @@ its last. In a gated FFN (`down(act(gate(x)) * up(x))`, Llama/Mistral) the refer
 `intermediate_lora` to down_proj and `output_lora` to up_proj; fxadapt follows it so checkpoints
 match. A fused q/k/v projection (GPT-2's c_attn) gets one LoRA whose A and B stack the enabled
 matrices, zero-padded in the output like the reference's LoRAMergedLinear.
+
+This file holds the plain LoRA module; config.py the config, emit.py where and which variant is inserted.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.nn import functional as F
 
-from ..errors import UserError
-from ..graph_edit import add_module
-from ..sites import LinearSite, SiteMap
-from .base import MethodConfig, Placement, SiteModule, freeze, require_type
-from .lora_family import FamilyModule, apply_at, gate_mean, shared_attrs
-
-NAME = "lora"
-INIT_WEIGHTS = ("lora", "bert", "ia3", "vera")
-# The reference's LoRALinear.supported_compositions (its fused LoRAMergedLinear composes in no block).
-BLOCKS: tuple[str, ...] = ("stack", "batch_split", "average", "parallel", "multi_task")
-
-
-@dataclass
-class Config(MethodConfig):
-    """AdapterHub's LoRAConfig (also IA3Config, VeraConfig, DoRAConfig: same class, other defaults)."""
-
-    architecture = "lora"
-    selfattn_lora: bool = True
-    intermediate_lora: bool = False
-    output_lora: bool = False
-    leave_out: list[int] = field(default_factory=list)
-    r: int = 8
-    alpha: int = 8
-    dropout: float = 0.0
-    attn_matrices: list[str] = field(default_factory=lambda: ["q", "v"])
-    composition_mode: str = "add"
-    init_weights: str = "lora"
-    init_weights_seed: int | None = None
-    use_gating: bool = False
-    use_dora: bool = False
-    vera_d: float | None = None
-    vera_b: float | None = None
-    dtype: str | None = None
-
-    def validate(self, path: str) -> None:
-        for key in ("selfattn_lora", "intermediate_lora", "output_lora", "use_gating", "use_dora"):
-            require_type(self, path, key, (bool,))
-        require_type(self, path, "r", (int,))
-        if self.r <= 0:
-            raise self.fail(path, "r", f"the rank must be a positive integer, got {self.r}.")
-        require_type(self, path, "alpha", (int, float))
-        if not 0.0 <= self.dropout < 1.0:
-            raise self.fail(path, "dropout", f"must be in [0, 1), got {self.dropout!r}.")
-        bad = [m for m in self.attn_matrices if m not in ("q", "k", "v")]
-        if bad:
-            raise self.fail(path, "attn_matrices", f"unknown matrices {bad}; use a subset of ['q', 'k', 'v'].")
-        if self.init_weights not in INIT_WEIGHTS:
-            raise self.fail(path, "init_weights", f"expected one of {list(INIT_WEIGHTS)}, got {self.init_weights!r}.")
-        if self.composition_mode not in ("add", "scale"):
-            raise self.fail(path, "composition_mode", f"expected \"add\" (LoRA) or \"scale\" ((IA)^3), got "
-                            f"{self.composition_mode!r}.")
-        for key in ("vera_d", "vera_b"):
-            value = getattr(self, key)
-            # The reference takes VeRA only for float values (an int silently gives plain LoRA); be explicit.
-            if value is not None and (isinstance(value, bool) or not isinstance(value, float)):
-                raise self.fail(path, key, f"must be a float such as 0.1 (or null), got {value!r}.")
-        if (self.vera_d is None) != (self.vera_b is None):
-            raise self.fail(path, "vera_b" if self.vera_b is None else "vera_d", "VeRA needs both vera_d and vera_b "
-                            "(the reference's defaults are 0.1 and 0.0); set both or neither.")
-        if self.composition_mode == "scale":
-            # The reference's IA3 module asserts these; say which field to change instead.
-            if self.r != 1:
-                raise self.fail(path, "r", f"composition_mode \"scale\" ((IA)^3) scales by a vector, so r must be 1, "
-                                f"got {self.r}.")
-            if self.dropout > 0:
-                raise self.fail(path, "dropout", "composition_mode \"scale\" ((IA)^3) does not support dropout; "
-                                "set it to 0.")
-            if self.use_dora:
-                raise self.fail(path, "use_dora", "DoRA needs composition_mode \"add\".")
-            if self.vera_d is not None:
-                raise self.fail(path, "vera_d", "VeRA needs composition_mode \"add\"; remove vera_d/vera_b.")
-            if self.init_weights == "vera":
-                raise self.fail(path, "init_weights", "(IA)^3 initialises with \"ia3\", \"bert\" or \"lora\".")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
-
-    @property
-    def variant(self) -> str:
-        """Which family member this config builds (the reference's choice in LoRALayer.add_adapter)."""
-        if self.composition_mode == "scale":
-            return "ia3"
-        if self.vera_d is not None:
-            return "dvora" if self.use_dora else "vera"
-        return "dora" if self.use_dora else "lora"
-
-
-_IA3 = dict(selfattn_lora=True, intermediate_lora=True, output_lora=False, r=1, alpha=1, attn_matrices=["k", "v"],
-            composition_mode="scale", init_weights="ia3")
-_VERA = dict(r=8, vera_d=0.1, vera_b=0.0, init_weights="vera")
-PRESETS: dict[str, dict[str, Any]] = {"lora": {}, "ia3": _IA3, "vera": _VERA, "dora": dict(use_dora=True),
-                                      "dvora": dict(_VERA, use_dora=True)}
-ALIASES: dict[str, str] = {}
+from .config import Config
+from .family import FamilyModule, gate_mean
 
 
 class LoRA(FamilyModule):
@@ -206,80 +113,3 @@ class LoRA(FamilyModule):
 
     def fold(self, weight, bias, shared):
         return weight + self.delta_weight().to(weight.dtype), bias
-
-
-def targets(sites: SiteMap, config: Config) -> list[tuple[LinearSite, tuple[bool, ...]]]:
-    """The projections this config adapts, with the enabled chunks of fused q/k/v projections."""
-    wanted: set[str] = set()
-    if config.selfattn_lora:
-        wanted |= {f"attn.{m}" for m in config.attn_matrices}
-    ffn_in, ffn_out = ("ffn.down", "ffn.up") if sites.gated_ffn else ("ffn.up", "ffn.down")
-    if config.intermediate_lora:
-        wanted.add(ffn_in)
-    if config.output_lora:
-        wanted.add(ffn_out)
-    chosen = []
-    for site in sites.linears:
-        if site.layer in config.leave_out:
-            continue
-        if site.role == "attn.qkv" and config.selfattn_lora:
-            chunks = tuple(role in config.attn_matrices for role in site.fused)
-            if any(chunks):
-                chosen.append((site, chunks))
-        elif site.role in wanted:
-            chosen.append((site, ()))
-    return chosen
-
-
-def build(gm: fx.GraphModule, site: LinearSite, config: Config, chunks: tuple[bool, ...], path: str) -> FamilyModule:
-    """The module of this config's variant for one site."""
-    from . import dora, ia3, vera  # the variants subclass LoRA, so they import this module
-
-    variant = config.variant
-    if variant == "ia3":
-        return ia3.IA3(site.in_features, site.out_features, config, chunks)
-    if variant in ("vera", "dvora"):
-        return vera.build(gm, site, config, chunks, path)
-    if variant == "dora":
-        return dora.DoRA(gm, site, config, chunks, path)
-    return LoRA(site.in_features, site.out_features, config, chunks)
-
-
-def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
-    """This config's module per adapted projection, for a composed site (the graph is left as is); VeRA adds its
-    shared A and B as a "shared" SiteModule, which the composed sites read."""
-    from . import vera
-
-    chosen = targets(sites, config)
-    for site, chunks in chosen:
-        if chunks:
-            raise UserError(f"{path}: a fused q/k/v projection ({site.module}) cannot hold a composed LoRA (the "
-                            "reference's LoRAMergedLinear does not compose). Activate it alone.")
-    found = [SiteModule("linear", sites.linears.index(site), build(gm, site, config, chunks, path),
-                        f"{site.module}.loras") for site, chunks in chosen]
-    if config.variant in ("vera", "dvora") and chosen:
-        found.append(SiteModule("shared", 0, vera.make_shared(config, [site for site, _ in chosen], path),
-                                vera.SHARED))
-    return found
-
-
-def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
-    from . import vera
-
-    variant = config.variant
-    chosen = targets(sites, config)
-    attrs: tuple[fx.Node, ...] = ()
-    if variant in ("vera", "dvora") and chosen:
-        # One frozen A and B for all layers, registered once, read through get_attr by every VeRA module.
-        placement = vera.add_shared(gm, adapter, variant, config, [site for site, _ in chosen], path)
-        origin = {"adapter": adapter, "method": variant, "pass": "insert_adapters", "site": "shared", "layer": -1}
-        attrs = shared_attrs(gm, vera.shared_targets(placement.module_path), origin)
-        placement.nodes_inserted = len(attrs)
-        yield placement
-    for site, chunks in chosen:
-        module = freeze(build(gm, site, config, chunks, path))
-        module_path = add_module(gm, adapter, f"L{site.layer}_{site.role}", module)
-        origin = {"adapter": adapter, "method": variant, "pass": "insert_adapters", "site": site.role,
-                  "layer": site.layer}
-        count = apply_at(gm, site, module, module_path, origin, attrs)
-        yield Placement(adapter, variant, site.role, site.layer, module_path, f"{site.module}.loras", count)

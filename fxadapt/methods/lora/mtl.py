@@ -12,7 +12,7 @@ gate g = mean_seq(sigmoid(G x)) replaces s. Placement is LoRA's (`selfattn_lora`
 Multi-task use (the reference's): one MTL-LoRA adapter per task, `model.share_parameters(MultiTask(...))`
 ties their A and B (M and w stay per task), and a `multi_task` block routes row r to task `task_ids[r]`.
 Each task's saved checkpoint holds its own copy of the shared A and B, so fxadapt loads every task as an
-independent adapter (equal A/B values give the reference's numbers; compose/lora_site.py);
+independent adapter (equal A/B values give the reference's numbers; site.py);
 AdaptedModel.share_parameters ties them again for training (lifecycle/sharing.py). Not mergeable:
 the reference's merge_adapter adds a [n, out, in] `lora_B @ lora_A` to W (ignoring M and w), and under
 multi_task the update depends on each row's task (docs/reference-deviations.md).
@@ -29,22 +29,23 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from ..errors import UserError
-from ..graph_edit import add_module
-from ..sites import SiteMap
-from . import lora
-from .base import Placement, SiteModule, freeze, require_type
-from .lora_family import FamilyModule, apply_at, gate_mean
+from ...errors import UserError
+from ...graph_edit import add_module
+from ...sites import SiteMap
+from ..base import Placement, SiteModule, freeze, require_type
+from . import config as lora_config
+from .emit import targets
+from .family import FamilyModule, apply_at, gate_mean
 
 NAME = "mtl_lora"
-BLOCKS = lora.BLOCKS  # the reference's LoRALinear holds MTL-LoRA modules too
+BLOCKS = lora_config.BLOCKS  # the reference's LoRALinear holds MTL-LoRA modules too
 MATRIX_TYPES = ("singular_values", "linear")
 NOT_MERGEABLE = ("MTL-LoRA: the update mixes n_up_projection up-projections through per-task weights; "
                  "adapters 1.3.0 cannot merge it either (its merge adds a [n, out, in] tensor to the weight)")
 
 
 @dataclass
-class Config(lora.Config):
+class Config(lora_config.Config):
     """AdapterHub's MTLLoRAConfig: LoRAConfig plus the multi-task fields."""
 
     architecture = "mtl_lora"
@@ -176,7 +177,7 @@ def check_site(site, chunks: tuple[bool, ...], path: str) -> None:
 def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
     """The MTLLoRA module per adapted projection, for a composed site (the graph is left as is)."""
     found = []
-    for site, chunks in lora.targets(sites, config):
+    for site, chunks in targets(sites, config):
         check_site(site, chunks, path)
         found.append(SiteModule("linear", sites.linears.index(site), MTLLoRA(site.in_features, site.out_features,
                                                                             config), f"{site.module}.loras"))
@@ -184,7 +185,7 @@ def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.Gr
 
 
 def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
-    for site, chunks in lora.targets(sites, config):
+    for site, chunks in targets(sites, config):
         check_site(site, chunks, path)
         module = freeze(MTLLoRA(site.in_features, site.out_features, config))
         module_path = add_module(gm, adapter, f"L{site.layer}_{site.role}", module)
@@ -192,3 +193,9 @@ def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path:
                   "layer": site.layer}
         count = apply_at(gm, site, module, module_path, origin)
         yield Placement(adapter, NAME, site.role, site.layer, module_path, f"{site.module}.loras", count)
+
+
+def composition_refusal(config: Config) -> str | None:
+    """MTL-LoRA composes wherever LoRA does (the reference's LoRALinear holds it); `site_modules` refuses the
+    model-dependent case (a fused q/k/v projection)."""
+    return None

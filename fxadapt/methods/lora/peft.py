@@ -27,17 +27,17 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .. import safe_regex
-from ..errors import UserError
-from ..graph_edit import add_module, slug
-from ..projections import find_projections, output_heads
-from ..sites import LinearSite, SiteMap
-from .base import MethodConfig, Placement, SiteModule, freeze, require_type
+from ... import safe_regex
+from ...errors import UserError
+from ...graph_edit import add_module, slug
+from ...projections import find_projections, output_heads
+from ...sites import LinearSite, SiteMap
+from ..base import MethodConfig, Placement, SiteModule, freeze, require_type
 from .dora import oriented, row_norm, site_weight
-from .lora_family import FamilyModule, apply_at, weight_and_bias
+from .family import FamilyModule, apply_at, weight_and_bias
 
 NAME = "peft_lora"
-# Wherever AdapterHub LoRA composes (PEFT itself has no blocks); compose/lora_site.py.
+# Wherever AdapterHub LoRA composes (PEFT itself has no blocks); site.py.
 BLOCKS: tuple[str, ...] = ("stack", "batch_split", "average", "parallel", "multi_task")
 PRESETS: dict[str, dict[str, Any]] = {}
 ALIASES: dict[str, str] = {}
@@ -283,3 +283,8 @@ def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path:
                   "layer": site.layer, "module": site.module}
         count = apply_at(gm, site, module, module_path, origin)
         yield Placement(adapter, NAME, site.role, site.layer, module_path, site.module, count)
+
+
+def composition_refusal(config: Config) -> str | None:
+    """A PEFT LoRA config composes wherever AdapterHub LoRA does; nothing in the config forbids it."""
+    return None

@@ -1,6 +1,6 @@
 """One projection y = W x + b under a composition of LoRA-family adapters: the reference's LoRALinear.compose
 on the state (layer_input x, hidden d or None, layer_output y, last). Every adapter module answers for itself
-(methods/lora_family.py): `update(d, x)` is the reference's module forward, `combine(y, d, W, b)` its
+(family.py): `update(d, x)` is the reference's module forward, `combine(y, d, W, b)` its
 `last.com(y, d, scaling=1)` (DoRA: its magnitude formula):
 
     single(a): d = a.update(d, x)         # LoRA s·B A (d or x), IA3 d ⊙ α·l, VeRA, DoRA, MTL-LoRA, PEFT
@@ -23,9 +23,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..composition import Block
-from ..errors import UserError
-from ..methods.lora_family import FamilyModule
+from ...composition import Block
+from ...errors import UserError
+from .family import FamilyModule
 
 
 class State(NamedTuple):

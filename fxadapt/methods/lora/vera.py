@@ -22,12 +22,12 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from ..errors import UserError
-from ..graph_edit import add_module
-from ..sites import LinearSite
-from .base import Placement
+from ...errors import UserError
+from ...graph_edit import add_module
+from ...sites import LinearSite
+from ..base import Placement
 from .dora import oriented, refuse_fused, row_norm, site_weight
-from .lora_family import FamilyModule, gate_mean
+from .family import FamilyModule, gate_mean
 
 SHARED = "shared_parameters"  # the reference's container of A and B, under the base model
 

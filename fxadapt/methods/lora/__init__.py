@@ -1,0 +1,23 @@
+"""The LoRA family: LoRA, gated LoRA, (IA)^3, VeRA, DoRA and DVoRA (one method, "lora", picked by config),
+plus MTL-LoRA (mtl.py, method "mtl_lora") and PEFT LoRA/DoRA checkpoints (peft.py, method "peft_lora").
+
+    config.py   Config (AdapterHub's LoRAConfig), PRESETS, ALIASES, BLOCKS
+    family.py   FamilyModule: how a module meets its projection (add / scale / replace), fold for merging
+    module.py   LoRA; ia3.py, vera.py, dora.py: the variants (they import module.py / family.py only)
+    emit.py     targets, build (picks the variant), emit, site_modules, composition_refusal
+    site.py     LoRASite: one projection under a composition block of family modules
+    peft.py, mtl.py   the two other methods of the family
+
+This package is the "lora" method (fxadapt.methods.base.Method): the names below are its contract.
+"""
+
+from __future__ import annotations
+
+from .config import ALIASES, BLOCKS, INIT_WEIGHTS, NAME, PRESETS, Config
+from .emit import build, composition_refusal, emit, site_modules, targets
+from .family import FamilyModule, apply_at, gate_mean, projection_io, shared_attrs, weight_and_bias
+from .module import LoRA
+
+__all__ = ["ALIASES", "BLOCKS", "INIT_WEIGHTS", "NAME", "PRESETS", "Config", "FamilyModule", "LoRA", "apply_at",
+           "build", "composition_refusal", "emit", "gate_mean", "projection_io",
+           "shared_attrs", "site_modules", "targets", "weight_and_bias"]
