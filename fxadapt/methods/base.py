@@ -1,27 +1,26 @@
-"""What every adapter method provides: a validated config dataclass and a graph emitter.
+"""What every adapter method provides (the `Method` protocol below) and the types it hands out.
 
-A method module defines `Config` (AdapterHub field names and defaults, validation in `validate`) and
-an `emit(gm, sites, adapter, config)` generator that inserts the method's nodes and yields one
-`Placement` per adapted site, so checkpoints can map parameters to the reference's keys.
-
-Composition (passes/lower_composition.py, compose/rules.py) reads three more names of a method module:
-
-    BLOCKS                     the composition blocks it may join (the reference's `supported_compositions`)
-    composition_refusal(c)     optional: why config `c` cannot compose (None when it can)
-    site_modules(sites, name, config, path, gm) -> list[SiteModule]
-                               the method's own module per site, built without touching the graph
+A method is a module (or package) registered in fxadapt/methods/__init__.py. It defines `Config` (AdapterHub
+field names and defaults, validation in `validate`) and an `emit(gm, sites, adapter, config, path)` generator
+that inserts the method's nodes and yields one `Placement` per adapted site, so checkpoints can map
+parameters to the reference's keys. Composition (passes/lower_composition.py, compose/rules.py) reads
+`BLOCKS`, `composition_refusal(config)` and `site_modules(...)`; see `Method` for the whole contract.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from torch import nn
+from torch import fx, nn
 
 from ..errors import UserError
 from .field_types import check_values
+
+if TYPE_CHECKING:
+    from ..sites import SiteMap
 
 
 @dataclass
@@ -93,3 +92,48 @@ def require_type(config: MethodConfig, path: str, key: str, kinds: tuple[type, .
 def freeze(module: nn.Module) -> nn.Module:
     """Adapters are inserted in eval mode like the captured graph; training switches them later."""
     return module.eval()
+
+
+@runtime_checkable
+class Method(Protocol):
+    """The contract of a registered method module (`isinstance(module, Method)` checks the names are there;
+    tests/test_method_contract.py checks the signatures too).
+
+    NAME      the method's name, as in Placement.method for its plain form (variants may say more, e.g. "dora")
+    Config    its MethodConfig subclass; `Config.from_dict(values, path)` validates and raises UserError
+              naming the field (`<path>.<field>: ...`)
+    PRESETS   config names (AdapterHub's ADAPTER_CONFIG_MAP) -> field values; ALIASES: other name -> preset
+    BLOCKS    the composition blocks it may join (the reference's `supported_compositions`)
+
+    How it is wired into the graph: `emit` inserts its nodes at the sites it adapts and yields a Placement per
+    module, with `module_path` (where the module lives in the GraphModule) and `reference_module`, the prefix
+    of its tensors in the reference checkpoint: a checkpoint key is `<reference_module>.<adapter>.<tensor>`
+    (e.g. `...attention.self.query.loras.a.lora_A`), the module's state_dict names mirroring the reference's.
+
+    Where it acts, for composition: `site_modules` builds the same modules per site without touching the graph
+    (SiteModule.kind "linear"/"residual" + index into the SiteMap, or "shared" for tensors several sites read).
+
+    Fold/merge: a method whose modules sit on a projection (the LoRA family) subclasses
+    lora.family.FamilyModule; `fold(W, b, shared) -> (W', b')` folds it into the projection so that
+    W' x + b' equals the adapted output (passes/merge_lora.py), or raises for what cannot be merged.
+    """
+
+    NAME: str
+    Config: type[MethodConfig]
+    PRESETS: dict[str, dict[str, Any]]
+    ALIASES: dict[str, str]
+    BLOCKS: tuple[str, ...]
+
+    def emit(self, gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Any,
+             path: str) -> Iterator[Placement]:
+        """Insert the adapter's nodes into `gm`; one Placement per inserted module."""
+        ...
+
+    def site_modules(self, sites: SiteMap, name: str, config: Any, path: str,
+                     gm: fx.GraphModule) -> list[SiteModule]:
+        """The method's own module per site, for a composed site; the graph is left as is."""
+        ...
+
+    def composition_refusal(self, config: Any) -> str | None:
+        """Why this config cannot join a composition block, or None when it can."""
+        ...
