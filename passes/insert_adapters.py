@@ -45,10 +45,11 @@ def insert_adapters(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix:
 
 def _needs(adapter) -> str:
     config = adapter.config
+    describe = getattr(adapter.method, "describe_sites", None)  # declared by the method (the LoRA family)
+    if describe is not None:
+        return describe(config)
     if adapter.method.NAME == "union":
         return "the sites of its members"
-    if adapter.method.NAME == "lora":
-        return "attention projections " + "/".join(config.attn_matrices) + " or FFN projections"
     if not hasattr(config, "mh_adapter"):
         return f"the sites {adapter.method.NAME} adapts"
     return "residual adds after " + " and ".join(

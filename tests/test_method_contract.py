@@ -90,3 +90,26 @@ def test_registry_functions_still_resolve_names_and_architectures():
     assert (config.r, config.variant) == (4, "dora")
     with pytest.raises(UserError, match=r"\$\.a: unknown adapter method 'nope'"):
         methods.method_for_name("nope", "$.a")
+
+
+@pytest.mark.parametrize(("preset", "gated", "expected"), [("lora", False, True), ("lora", True, False),
+                                                            ("ia3", False, False), ("vera", False, False),
+                                                            ("dora", False, False)])
+def test_lora_declares_which_configs_have_a_peft_layout(preset, gated, expected):
+    """lifecycle/saving.py writes PEFT's layout where the method says so, not where the name is "lora"."""
+    lora = methods.BY_ARCHITECTURE["lora"]
+    config = lora.Config.from_dict({**lora.PRESETS[preset], "use_gating": gated}, "$.a")
+    assert lora.peft_layout(config) is expected
+    assert not hasattr(methods.BY_ARCHITECTURE["bottleneck"], "peft_layout")
+
+
+def test_no_site_error_reads_the_methods_own_description(monkeypatch):
+    """passes/insert_adapters.py asks the method which sites it needs instead of switching on its name."""
+    from fxadapt.passes.insert_adapters import _needs
+    from fxadapt.spec import AdapterDef
+
+    lora = methods.BY_ARCHITECTURE["lora"]
+    adapter = AdapterDef("a", lora, lora.Config.from_dict({"attn_matrices": ["k"]}, "$.a"), "$.a")
+    assert _needs(adapter) == "attention projections k or FFN projections"
+    monkeypatch.setattr(lora, "describe_sites", lambda config: f"r={config.r} sites")
+    assert _needs(adapter) == "r=8 sites"

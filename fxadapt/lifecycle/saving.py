@@ -64,8 +64,9 @@ def save_adapter(directory: Path, holder: nn.Module, adapter: AdapterDef, placem
         if head is not None:
             save_head(out, adapter.name, head, facts)
             layouts.append("head")
-        if peft and placements and all(p.method == "lora" for p in placements) and not getattr(
-                adapter.config, "use_gating", False):
+        # A method that PEFT can express declares `peft_layout(config)` (the LoRA family: plain, ungated LoRA).
+        peft_layout_of = getattr(adapter.method, "peft_layout", None)
+        if peft and placements and peft_layout_of is not None and peft_layout_of(adapter.config):
             (out / PEFT_DIR).mkdir()
             modules = {p.module_path: holder.get_submodule(p.module_path) for p in placements}
             peft_layout.write(out / PEFT_DIR, placements, modules, adapter.config, sites, facts.get("model_name"))

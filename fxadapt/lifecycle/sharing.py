@@ -21,9 +21,14 @@ from torch import nn
 
 from ..blocks import MultiTask
 from ..errors import UserError
+from ..methods import BY_ARCHITECTURE
 
-SHARABLE = ("lora_A", "lora_B")  # the reference's LoRA.sharable_parameters
-MULTI_TASK_METHODS = ("mtl_lora",)  # configs that are a MultiTaskConfig in the reference
+
+def multi_task_methods() -> list[str]:
+    """The methods whose adapters share tensors across a multi-task group: they declare `SHARABLE` (the
+    reference's `sharable_parameters`; MTL-LoRA's lora_A and lora_B)."""
+    return [module.NAME for module in BY_ARCHITECTURE.values() if getattr(module, "SHARABLE", ())]
+
 
 
 class SharingMixin:
@@ -58,25 +63,28 @@ class SharingMixin:
         reference = reference_adapter_name or names[0]
         if reference not in names:
             raise UserError(f"{path}: the reference adapter {reference!r} is not one of {names}.")
-        methods = {n: self._adapters[n].config.architecture for n in names}
-        wrong = [n for n, m in methods.items() if m not in MULTI_TASK_METHODS]
+        # Multi-task methods (a MultiTaskConfig in the reference: MTL-LoRA) declare the tensors they share.
+        sharable = {n: getattr(self._adapters[n].method, "SHARABLE", ()) for n in names}
+        wrong = [n for n in names if not sharable[n]]
         if wrong:
-            raise UserError(f"{path}: adapter {wrong[0]!r} is a {methods[wrong[0]]} adapter; only multi-task "
-                            f"adapters ({', '.join(MULTI_TASK_METHODS)}) share parameters, as in the reference.")
+            raise UserError(f"{path}: adapter {wrong[0]!r} is a {self._adapters[wrong[0]].method.NAME} adapter; only "
+                            f"multi-task adapters ({', '.join(multi_task_methods())}) share parameters, as in the "
+                            "reference.")
+        shared_names = sharable[reference]
         sites = {n: self._site_modules(n) for n in names}
         for other in names:
             if set(sites[other]) != set(sites[reference]):
                 raise UserError(f"{path}: adapters {reference!r} and {other!r} adapt different sites; add them "
                                 "with the same placement (selfattn/intermediate/output_lora, leave_out).")
             for key, module in sites[other].items():
-                for param in SHARABLE:
+                for param in shared_names:
                     if getattr(module, param).shape != getattr(sites[reference][key], param).shape:
                         raise UserError(f"{path}: {param} of {other!r} has shape "
                                         f"{tuple(getattr(module, param).shape)}, {reference!r}'s "
                                         f"{tuple(getattr(sites[reference][key], param).shape)}; shared adapters "
                                         "need the same r and n_up_projection.")
         for key, module in sites[reference].items():
-            for param in SHARABLE:
+            for param in shared_names:
                 shared = nn.Parameter(getattr(module, param).detach().clone(),
                                       requires_grad=getattr(module, param).requires_grad)
                 for other in names:
@@ -95,7 +103,7 @@ class SharingMixin:
             if adapter not in self._adapters:  # deleted since
                 continue
             for module in self._site_modules(adapter).values():
-                for param in SHARABLE:
+                for param in getattr(self._adapters[adapter].method, "SHARABLE", ()):
                     value = getattr(module, param)
                     setattr(module, param, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
 

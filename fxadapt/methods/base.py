@@ -116,6 +116,11 @@ class Method(Protocol):
     Fold/merge: a method whose modules sit on a projection (the LoRA family) subclasses
     lora.family.FamilyModule; `fold(W, b, shared) -> (W', b')` folds it into the projection so that
     W' x + b' equals the adapted output (passes/merge_lora.py), or raises for what cannot be merged.
+
+    Optional declarations, read with getattr where a generic module would otherwise switch on NAME:
+    peft_layout(config) -> bool   save_adapter also writes PEFT's layout (lifecycle/saving.py)
+    describe_sites(config) -> str the sites it needs, for the "no site" error (passes/insert_adapters.py)
+    SHARABLE                      tensor names share_parameters ties across a multi-task group (lifecycle/sharing.py)
     """
 
     NAME: str

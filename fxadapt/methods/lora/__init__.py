@@ -18,6 +18,20 @@ from .emit import build, composition_refusal, emit, site_modules, targets
 from .family import FamilyModule, apply_at, gate_mean, projection_io, shared_attrs, weight_and_bias
 from .module import LoRA
 
+# The variants PEFT's LoraConfig can express (saving writes its layout beside AdapterHub's for them).
+PEFT_LAYOUT_VARIANTS = ("lora",)
+
+
+def peft_layout(config: Config) -> bool:
+    """Whether this config's adapter can be saved in PEFT's layout too (plain, ungated LoRA)."""
+    return config.variant in PEFT_LAYOUT_VARIANTS and not config.use_gating
+
+
+def describe_sites(config: Config) -> str:
+    """The sites this config needs, for insert_adapters' "no site for this adapter" error."""
+    return "attention projections " + "/".join(config.attn_matrices) + " or FFN projections"
+
+
 __all__ = ["ALIASES", "BLOCKS", "INIT_WEIGHTS", "NAME", "PRESETS", "Config", "FamilyModule", "LoRA", "apply_at",
-           "build", "composition_refusal", "emit", "gate_mean", "projection_io",
+           "build", "composition_refusal", "describe_sites", "emit", "gate_mean", "peft_layout", "projection_io",
            "shared_attrs", "site_modules", "targets", "weight_and_bias"]

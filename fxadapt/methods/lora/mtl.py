@@ -39,6 +39,8 @@ from .family import FamilyModule, apply_at, gate_mean
 
 NAME = "mtl_lora"
 BLOCKS = lora_config.BLOCKS  # the reference's LoRALinear holds MTL-LoRA modules too
+# The reference's LoRA.sharable_parameters: share_parameters ties these across a multi-task group.
+SHARABLE = ("lora_A", "lora_B")
 MATRIX_TYPES = ("singular_values", "linear")
 NOT_MERGEABLE = ("MTL-LoRA: the update mixes n_up_projection up-projections through per-task weights; "
                  "adapters 1.3.0 cannot merge it either (its merge adds a [n, out, in] tensor to the weight)")
@@ -199,3 +201,8 @@ def composition_refusal(config: Config) -> str | None:
     """MTL-LoRA composes wherever LoRA does (the reference's LoRALinear holds it); `site_modules` refuses the
     model-dependent case (a fused q/k/v projection)."""
     return None
+
+
+def describe_sites(config: Config) -> str:
+    """The sites this config needs, for insert_adapters' "no site for this adapter" error (LoRA's placement)."""
+    return "attention projections " + "/".join(config.attn_matrices) + " or FFN projections"
