@@ -61,6 +61,7 @@ def test_a_one_adapter_stack_is_the_single_adapter(config):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_compacter_parallel_runs_each_copy_as_its_adapter_alone():
     # The reference crashes here (Compacter acts after attention, Compacter++ does not): fxadapt's semantics.
     adapters = {"a": "compacter[reduction_factor=4]", "b": "compacter++[reduction_factor=4]"}

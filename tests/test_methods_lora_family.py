@@ -69,6 +69,7 @@ def test_ia3_placement_follows_the_reference_code():
     ("builtin:tiny-gpt2", "vera", "fused q/k/v"),
     ("builtin:tiny-gpt2", "dora", "fused q/k/v"),
 ])
+@pytest.mark.slow
 def test_refused_placements_say_why(model, text, words):
     with pytest.raises(UserError, match=words):
         build(model, parse_spec({"adapters": {"a": text}}))

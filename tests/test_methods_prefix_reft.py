@@ -208,6 +208,7 @@ def test_config_errors_name_the_field(text, field):
     ("bert", "loreft[r=32]", r"\.r: an orthogonal projection"),
     ("bert", "prefix_tuning[leave_out=[0,1]]", "no attention core is left"),
 ])
+@pytest.mark.slow
 def test_model_errors_name_the_field(arch, text, words):
     with pytest.raises(UserError, match=words):
         build(str(REFERENCE / "models" / arch), parse_spec({"adapters": {"a": text}}))

@@ -75,6 +75,7 @@ def test_without_debug_mode_the_wrong_pass_is_not_caught_after_each_pass(monkeyp
     assert result.pass_counts["scales_outputs"] == 1
 
 
+@pytest.mark.slow
 def test_debug_env_var_checks_rewrite_passes_run(monkeypatch):
     monkeypatch.setattr(pass_list, "REWRITE", [*pass_list.REWRITE, pass_list.Step("breaks", _breaks_at_run_time)])
     monkeypatch.setenv(pass_list.DEBUG_ENV, "1")
