@@ -332,6 +332,10 @@ def _build(sites: SiteMap, config: Config, path: str) -> tuple[list[tuple[int, B
     return built, shared
 
 
+def composition_refusal(config: Config) -> str | None:
+    return None  # every bottleneck config composes (PHM, invertible and AdapterPlus included)
+
+
 def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
     """For a composed setup: the invertible block (compose/model_wide.py runs the setup's first adapter's), the
     shared PHM tensors (fed to every composed residual site) and the Bottleneck per residual site."""
@@ -360,11 +364,6 @@ def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path:
         yield Placement(adapter, NAME, "shared", -1, shared_path, "shared_parameters", 0)
 
 
-def _emitter(gm: fx.GraphModule, site: ResidualSite, adapter: str) -> Emitter:
-    return Emitter(gm, site.output, {"adapter": adapter, "method": NAME, "pass": "insert_adapters",
-                                     "site": site.role, "layer": site.layer})
-
-
 def _shared_inputs(emit: Emitter, shared_path: str | None, names: tuple[str, ...]) -> list[fx.Node]:
     """get_attr nodes for the shared PHM tensors, placed and tagged like every other inserted node."""
     nodes = []
@@ -383,7 +382,8 @@ def _rewrite(gm: fx.GraphModule, site: ResidualSite, module_path: str, module: B
     """The adapter's own pre_forward / post_forward on graph nodes: where they need the model's h + x (and its
     norm), the model's nodes are reused; other adds and norms are new nodes (the norm a copy of the model's)."""
     h, x, norm = site.hidden, site.residual, site.norm
-    emit = _emitter(gm, site, adapter)
+    emit = Emitter(gm, site.output, {"adapter": adapter, "method": NAME, "pass": "insert_adapters",
+                                     "site": site.role, "layer": site.layer})
 
     def add(a: fx.Node, b: fx.Node) -> fx.Node:
         if (a, b) == (h, x):

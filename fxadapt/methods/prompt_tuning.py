@@ -28,9 +28,12 @@ from ..errors import UserError
 from ..graph_edit import Emitter, add_module
 from ..graph_ops import aten, module_path
 from ..sites import SiteMap
-from .base import MethodConfig, Placement, freeze, require_type
+from .base import MethodConfig, Placement, SiteModule, freeze, require_type
 
 NAME = "prompt_tuning"
+# The reference's PromptTuningLayer is no composable layer (it runs the setup's first adapter only) and a
+# prompt lengthens every row alike; fxadapt activates prompt tuning alone.
+BLOCKS: tuple[str, ...] = ()
 
 
 @dataclass
@@ -86,6 +89,14 @@ class PromptTuning(nn.Module):
         t = torch.cumsum(torch.ones_like(joined[..., 0], dtype=torch.int64), 1) - 1
         source = torch.where(t == 0, length, torch.where(t <= length, t - 1, t))
         return torch.gather(joined, 1, source.unsqueeze(-1).expand(-1, -1, joined.shape[-1]))
+
+
+def composition_refusal(config: Config) -> str | None:
+    return None  # BLOCKS is empty: compose/rules.py refuses every block
+
+
+def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
+    return []  # joins no block (BLOCKS), so lower_composition never asks
 
 
 def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:

@@ -207,6 +207,10 @@ def reference_module(sites: SiteMap, layer: int) -> str:
     return f"{sites.layer_prefixes[layer]}.reft_layer.refts"
 
 
+def composition_refusal(config: Config) -> str | None:
+    return None
+
+
 def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
     """One intervention per selected layer (index: the layer); compose/reft_site.py wires the setup's first."""
     return [SiteModule("reft", site.layer, freeze(ReftModule(site.hidden_size, config)),

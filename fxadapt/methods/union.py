@@ -20,9 +20,11 @@ from torch import fx
 
 from ..errors import UserError
 from ..sites import SiteMap
-from .base import MethodConfig, Placement
+from .base import MethodConfig, Placement, SiteModule
 
 NAME = "union"
+# Not composed yet: a block would have to be one all members may join (docs/composition.md).
+BLOCKS: tuple[str, ...] = ()
 
 
 @dataclass
@@ -69,6 +71,16 @@ class Config(MethodConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return {"architecture": "union", "configs": [config.to_dict() for _, config in self.members]}
+
+
+def composition_refusal(config: Config) -> str | None:
+    return None  # BLOCKS is empty: compose/rules.py refuses every block
+
+
+def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
+    """Each member's own modules, under the shared adapter name (used once unions join blocks)."""
+    return [item for i, (module, member) in enumerate(config.members)
+            for item in module.site_modules(sites, name, member, f"{path}.configs[{i}]", gm)]
 
 
 def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:
