@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 400
@@ -145,8 +144,6 @@ def test_no_import_cycle():
     assert not cycles, "module-level import cycles:\n" + _cycles_message(cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="issue #10: the methods registry <-> union still closes its cycle through "
-                   "function-local imports")
 def test_no_cycle_hidden_in_function_local_imports():
     """A function-local import that closes a cycle only postpones it (issue #10: keep them for heavy imports).
     A package's lazy `__getattr__` (PEP 562) is not counted: it runs after the package is initialized."""

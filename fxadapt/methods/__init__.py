@@ -65,4 +65,7 @@ def build_config(module: ModuleType, preset: dict[str, Any], overrides: dict[str
     return module.Config.from_dict({**preset, **overrides}, path)
 
 
+union.use_registry(method_for_name, method_for_config, build_config)  # union members are registered methods
+
+
 __all__ = ["BY_ARCHITECTURE", "MethodConfig", "build_config", "method_for_config", "method_for_name"]

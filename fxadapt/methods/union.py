@@ -11,7 +11,7 @@ except bottleneck members at different locations (mh_adapter / output_adapter) o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -23,6 +23,15 @@ from ..sites import SiteMap
 from .base import MethodConfig, Placement, SiteModule
 
 NAME = "union"
+
+# The registry's lookups (fxadapt/methods/__init__.py), handed over by `use_registry` when the registry is built:
+# members are any registered method, and importing the registry here would close the cycle methods <-> union.
+_lookups: dict[str, Callable[..., Any]] = {}
+
+
+def use_registry(method_for_name: Callable[..., Any], method_for_config: Callable[..., Any],
+                 build_config: Callable[..., Any]) -> None:
+    _lookups.update(method_for_name=method_for_name, method_for_config=method_for_config, build_config=build_config)
 # Not composed yet: a block would have to be one all members may join (docs/composition.md).
 BLOCKS: tuple[str, ...] = ()
 
@@ -34,8 +43,6 @@ class Config(MethodConfig):
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], path: str) -> Config:
-        from . import method_for_config
-
         configs = values.get("configs")
         extra = sorted(set(values) - {"architecture", "configs"})
         if extra or not isinstance(configs, list) or not configs:
@@ -46,7 +53,7 @@ class Config(MethodConfig):
             member_path = f"{path}.configs[{i}]"
             if not isinstance(member, dict):
                 raise UserError(f"{member_path}: expected a config object.")
-            module = method_for_config(member, member_path)
+            module = _lookups["method_for_config"](member, member_path)
             if module.NAME == NAME:
                 raise UserError(f"{member_path}: a union cannot contain another union.")
             members.append((module, module.Config.from_dict(member, member_path)))
@@ -103,8 +110,6 @@ ALIASES: dict[str, str] = {}
 
 def from_chunks(chunks: list[tuple[str, dict[str, Any]]], path: str) -> Config:
     """A union from parsed config-string chunks (`lora[r=4]|seq_bn`), expanding `mam` and `unipelt`."""
-    from . import build_config, method_for_name
-
     expanded: list[tuple[str, dict[str, Any]]] = []
     for name, overrides in chunks:
         if name in NAMED:
@@ -116,6 +121,6 @@ def from_chunks(chunks: list[tuple[str, dict[str, Any]]], path: str) -> Config:
             expanded.append((name, overrides))
     members = []
     for i, (name, overrides) in enumerate(expanded):
-        module, preset = method_for_name(name, f"{path}[{i}]")
-        members.append((module, build_config(module, preset, overrides, f"{path}[{i}]")))
+        module, preset = _lookups["method_for_name"](name, f"{path}[{i}]")
+        members.append((module, _lookups["build_config"](module, preset, overrides, f"{path}[{i}]")))
     return Config.of(members, path)
