@@ -15,19 +15,13 @@ from torch import fx
 
 from fxadapt import checkpoints
 from fxadapt.compose import fusion_spec
-from fxadapt.compose.bottleneck_site import BottleneckSite
-from fxadapt.compose.fusion import Fusion
-from fxadapt.compose.invertible_site import lower_invertible
-from fxadapt.compose.prefix_site import lower_prefix
-from fxadapt.compose.reft_site import lower_reft
 from fxadapt.composition import Block
 from fxadapt.errors import UserError
 from fxadapt.graph_edit import Emitter, add_module
 from fxadapt.graph_ops import aten
-from fxadapt.methods import bottleneck
+from fxadapt.methods import BY_ARCHITECTURE
 from fxadapt.methods.base import Placement, SiteModule, freeze
-from fxadapt.methods.lora import projection_io, shared_attrs, weight_and_bias
-from fxadapt.methods.lora.site import LoRASite
+from fxadapt.methods.lora import shared_attrs
 from fxadapt.sites import SiteMap
 from fxadapt.spec import Spec
 
@@ -85,7 +79,7 @@ def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefi
             inserted += len(shared[name])
             placements.append(Placement(name, spec.adapters[name].method.NAME, "shared", -1, path,
                                         item.reference_module, len(shared[name])))
-    for kind, lower in LOWER_SITES.items():
+    for kind, (_, lower) in sorted(LOWER_SITES.items(), key=lambda item: item[1][0]):
         for index, modules in by_kind.get(kind, {}).items():
             made, placed = lower(gm, spec, sites, paths, index, modules, shared)
             inserted += made
@@ -97,89 +91,18 @@ def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefi
                                   f"{adapter.path}.load", base_prefix, hidden_size)
     for fusion in spec.fusions:
         if fusion.load is not None:
-            fusion_spec.load_weights([(p.reference_module, gm.get_submodule(p.module_path)) for p in placements
-                                      if p.method == "fusion" and p.adapter == fusion.name], fusion.load, fusion.name,
-                                     base_prefix, f"{fusion.path}.load")
+            modules = [(p.reference_module, gm.get_submodule(p.module_path)) for p in placements
+                       if p.method == fusion_spec.FUSION_METHOD and p.adapter == fusion.name]
+            fusion_spec.load_weights(modules, fusion.load, fusion.name, base_prefix, f"{fusion.path}.load")
     gm.meta.setdefault("fxadapt", {})["placements"] = placements
     return PassResult(gm, inserted)
 
 
-def _lower_residual(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list, index: int,
-                    modules: dict[str, SiteModule], shared: dict[str, tuple[fx.Node, ...]]
-                    ) -> tuple[int, list[Placement]]:
-    """`y = BottleneckSite(h, x, ln_w, ln_b)` at one residual site; returns (nodes made, placements)."""
-    site = sites.residuals[index]
-    fusions = {f.name: freeze(Fusion(f.config, site.hidden_size)) for f in spec.fusions
-               if set(f.adapters) & set(modules)}
-    norm = site.norm
-    if norm is not None and norm.target != aten.layer_norm.default:
-        raise UserError(f"composition at {site.role} of layer {site.layer}: the site's norm is "
-                        f"{norm.target}, fxadapt composes bottleneck adapters only around layer_norm.")
-    module = BottleneckSite(paths, {n: m.module for n, m in modules.items()}, fusions,
-                            (list(norm.args[1]), float(norm.args[4]) if len(norm.args) > 4 else 1e-5)
-                            if norm is not None else None)
-    path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
-    emit = Emitter(gm, site.output, {"adapter": ",".join(modules), "method": "composition", "pass": PASS,
-                                     "site": site.role, "layer": site.layer})
-    ln_args = (norm.args[2], norm.args[3]) if norm is not None else (None, None)
-    uses = [a for n, m in modules.items() if m.module.shared_names for a in shared[n]]  # Compacter's PHM tensors
-    out = emit.call_module(path, (site.hidden, site.residual, *ln_args, *uses))
-    emit.reroute(site.output, out)
-    ref = bottleneck.reference_module(site)
-    placements = [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",
-                            m.reference_module, 0) for n, m in modules.items()]
-    placements += [Placement(f, "fusion", site.role, site.layer, f"{path}.adapter_fusion_layer.{f}",
-                             ref.rpartition(".")[0] + ".adapter_fusion_layer", 0) for f in fusions]
-    return len(emit.created), placements
-
-
-def _lower_linear(gm: fx.GraphModule, spec: Spec, sites: SiteMap, paths: list, index: int,
-                  modules: dict[str, SiteModule], shared: dict[str, tuple[fx.Node, ...]]
-                  ) -> tuple[int, list[Placement]]:
-    """`y' = LoRASite(x, y[, task_ids][, W, b], *shared)` at every graph node of one projection (see LoRASite);
-    returns (nodes made, placements)."""
-    site = sites.linears[index]
-    if site.in_features != site.out_features and any(_chains(branch, modules) for branch in paths):
-        raise UserError(f"{spec.setup.path}: a stack feeds each LoRA-family adapter's update into the next one's "
-                        "input (as the reference does), which needs a square projection, but "
-                        f"{site.module} ({site.role}, layer {site.layer}) maps {site.in_features} -> "
-                        f"{site.out_features} features; the reference fails there too. Stack adapters that adapt "
-                        "different projections (e.g. attn_matrices only), or use parallel or average.")
-    task_ids = _task_ids(gm) if _has_multi_task(spec.setup) else None
-    uses = {n: shared[n] for n in modules if n in shared}
-    module = LoRASite(paths, {n: m.module for n, m in modules.items()}, task_ids is not None,
-                      {n: len(nodes) for n, nodes in uses.items()})
-    path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
-    origin = {"adapter": ",".join(modules), "method": "composition", "pass": PASS, "site": site.role,
-              "layer": site.layer}
-    inserted = 0
-    for node in site.nodes:
-        x, y = projection_io(node, True)
-        emit = Emitter(gm, y, origin)
-        inputs = ((task_ids,) if task_ids is not None else ()) + (weight_and_bias(node) if module.needs_weight else ())
-        out = emit.call_module(path, (x, y, *inputs, *[a for nodes in uses.values() for a in nodes]))
-        emit.reroute(y, out)
-        inserted += len(emit.created)
-    placements = [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",
-                            m.reference_module, 0) for n, m in modules.items()]
-    return inserted, placements
-
-
-def _chains(setup: Block | str, present: dict) -> bool:
-    """Whether a stack in `setup` runs two or more of the adapters `present` at a site one after the other."""
-    if isinstance(setup, str):
-        return False
-    if setup.kind == "stack":
-        acting = [c for c in setup.children if any(n in present for n in ([c] if isinstance(c, str) else c.flatten()))]
-        if len(acting) > 1:
-            return True
-    return any(_chains(child, present) for child in setup.children if isinstance(child, Block))
-
-
-# How a composed site of each SiteModule kind is lowered, in this order: ReFT wraps a layer output before its
-# residual site is composed, so the composed output feeds the intervention.
-LOWER_SITES = {"invertible": lower_invertible, "reft": lower_reft, "residual": _lower_residual,
-               "linear": _lower_linear, "prefix": lower_prefix}
+# How a composed site of each SiteModule kind is lowered: every method declares (stage, lowerer) per kind of its
+# own (`LOWERERS`, methods/base.py); stage 0 runs first (ReFT wraps a layer output before its residual site is
+# composed, so the composed output feeds the intervention), registry order within a stage.
+LOWER_SITES = {kind: entry for method in BY_ARCHITECTURE.values()
+               for kind, entry in getattr(method, "LOWERERS", {}).items()}
 
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
@@ -199,15 +122,3 @@ def _replicate_inputs(gm: fx.GraphModule, channels: int) -> int:
         emit.reroute(node, rep)
         count += 1
     return count
-
-
-def _has_multi_task(block: Block) -> bool:
-    return block.kind == "multi_task" or any(isinstance(c, Block) and _has_multi_task(c) for c in block.children)
-
-
-def _task_ids(gm: fx.GraphModule) -> fx.Node:
-    node = next((n for n in _placeholders(gm) if n.name == "task_ids"), None)
-    if node is None:
-        raise UserError("$.active: a multi_task block needs a per-row \"task_ids\" model input; compile with "
-                        "task_ids among the inputs.")
-    return node

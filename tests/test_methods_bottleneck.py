@@ -15,8 +15,8 @@ from fxadapt import meta
 from fxadapt.capture import flatten_outputs
 from fxadapt.checkpoints import adapterhub
 from fxadapt.errors import UserError
-from fxadapt.methods import phm
-from fxadapt.methods.invertible import GLOWCoupling, NICECoupling
+from fxadapt.methods.bottleneck import phm
+from fxadapt.methods.bottleneck.invertible import GLOWCoupling, NICECoupling
 from fxadapt.pipeline import build, compile_model
 from fxadapt.spec import parse_spec
 

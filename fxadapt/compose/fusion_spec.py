@@ -24,6 +24,8 @@ from ..checkpoints import adapterhub
 from ..errors import UserError
 
 CONFIG_FILE = "adapter_fusion_config.json"
+# Placement.method of an AdapterFusion module (fusion is no method: a Fuse block's modules at composed sites).
+FUSION_METHOD = "fusion"
 WEIGHT_FILES = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
 # AdapterHub's DynamicAdapterFusionConfig / StaticAdapterFusionConfig.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UserError
+from ..methods.activation import make_activation
 
 
 class ClassificationHead(nn.Sequential):
@@ -30,8 +31,6 @@ class ClassificationHead(nn.Sequential):
 
     def __init__(self, hidden: int, num_labels: int, layers: int = 2, activation: str | None = "tanh",
                  dropout: float = 0.1, init_range: float = 0.02) -> None:
-        from ..methods.bottleneck import make_activation
-
         if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
             raise UserError(f"add_classification_head: num_labels must be a positive integer, got {num_labels!r}.")
         if not isinstance(layers, int) or layers < 1:

@@ -36,8 +36,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from .. import meta, pass_list
-from ..compose.fusion import Fusion
-from ..compose.fusion_spec import FusionDef
+from ..compose.fusion_spec import FUSION_METHOD, FusionDef
 from ..compose.rules import check_setup
 from ..composition import Block, multi_task_children
 from ..errors import UserError
@@ -101,7 +100,7 @@ def _bind_composed(gm: fx.GraphModule, placements: list[Placement], holder: nn.M
     reads through get_attr) is bound at that path, as a single adapter's."""
     for placement in placements:
         own_path = placement.module_path.count(".") == 2 and placement.module_path.startswith(REGISTRY + ".")
-        root = FUSIONS if placement.method == "fusion" else REGISTRY
+        root = FUSIONS if placement.method == FUSION_METHOD else REGISTRY
         path = placement.module_path if own_path else registry_path(root, placement.adapter, placement.role,
                                                                    placement.layer)
         kept = registered(holder, path)
@@ -230,15 +229,16 @@ def instantiate_fusion(base: fx.GraphModule, defs: dict[str, AdapterDef], fusion
     setup = Block("fuse", list(fusion.adapters), f"add_adapter_fusion({fusion.name!r})", name=fusion.name)
     gm = fresh_copy(base)
     sites = find_sites(gm)
-    # The scratch graph's fresh modules must not use the user's RNG; the adopted Fusion below does.
+    # The scratch graph's fresh modules must not use the user's RNG; the adopted fusion modules below do.
     gm, _ = _run_insertion(gm, composition_spec(defs, setup, [fusion]), sites, base_prefix, hidden, fork_rng=True)
-    found = [p for p in gm.meta["fxadapt"]["placements"] if p.method == "fusion"]
+    found = [p for p in gm.meta["fxadapt"]["placements"] if p.method == FUSION_METHOD]
     device = next((p.device for p in base.parameters()), None)
     placements = []
     for placement in sorted(found, key=lambda p: (p.layer, p.role != "residual.attn")):  # the reference's order
         scratch = gm.get_submodule(placement.module_path)
         size = next(m for m in scratch.modules() if isinstance(m, nn.Linear)).in_features
         path = registry_path(FUSIONS, fusion.name, placement.role, placement.layer)
-        _adopt(holder, path, Fusion(fusion.config, size, dropout, bert_init=True), device)
+        # The scratch module's own class (the bottleneck family's Fusion), initialised as the reference's.
+        _adopt(holder, path, type(scratch)(fusion.config, size, dropout, bert_init=True), device)
         placements.append(dataclasses.replace(placement, module_path=path))
     return placements

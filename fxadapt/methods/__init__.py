@@ -1,4 +1,5 @@
-"""Adapter methods: one module each (config dataclass + graph emitter), registered here by name.
+"""Adapter methods: one package per family (config dataclass + graph emitter + its composed-site lowerers),
+registered here by name, one line per method.
 
 Names and presets follow AdapterHub's ADAPTER_CONFIG_MAP; a config's `architecture` field
 (AdapterHub's adapter_config.json) picks the method module.
@@ -10,9 +11,10 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import UserError
-from . import bottleneck, lora, prefix_tuning, prompt_tuning, reft, union
+from . import bottleneck, lora, prefix_tuning, reft, union
 from .base import MethodConfig
 from .lora import mtl as mtl_lora
+from .prefix_tuning import prompt_tuning
 
 # Method modules by AdapterHub `architecture`, one line per method. Bottleneck configs are saved without that field.
 BY_ARCHITECTURE: dict[str, ModuleType] = {

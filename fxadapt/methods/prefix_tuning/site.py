@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..attention_sites import AttentionCore, emitter_before
-from ..composition import Block
-from ..errors import UserError
-from ..graph_edit import add_module
-from ..graph_ops import aten
-from ..methods import prefix_tuning
-from ..methods.base import Placement, SiteModule, freeze
-from ..sites import SiteMap
+from ...attention_sites import AttentionCore, emitter_before
+from ...composition import Block
+from ...errors import UserError
+from ...graph_edit import add_module
+from ...graph_ops import aten
+from ...sites import SiteMap
+from ..base import Placement, SiteModule, freeze
+from . import module as prefix_tuning
 
 PASS = "lower_composition"
 Segment = tuple[int | None, list[int]]  # (rows, or None for all rows of the copy; prefix inputs, front last)

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..attention_sites import AttentionCore, find_attention_cores, is_causal, pad_mask
-from ..errors import UserError
-from ..graph_edit import Emitter, add_module
-from ..graph_ops import aten, module_path
-from ..sites import SiteMap
-from .base import MethodConfig, Placement, SiteModule, freeze, require_type
+from ...attention_sites import AttentionCore, find_attention_cores, is_causal, pad_mask
+from ...errors import UserError
+from ...graph_edit import Emitter, add_module
+from ...graph_ops import aten, module_path
+from ...sites import SiteMap
+from ..base import MethodConfig, Placement, SiteModule, freeze, require_type
 
 NAME = "prompt_tuning"
 # The reference's PromptTuningLayer is no composable layer (it runs the setup's first adapter only) and a

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ...errors import UserError
 
 RULE_INITS = ("normal", "uniform")
 W_INITS = ("phm", "glorot-normal", "glorot-uniform", "normal")

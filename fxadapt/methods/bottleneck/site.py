@@ -1,7 +1,7 @@
 """One residual site under a composition of bottleneck adapters (and AdapterFusion): the reference's
 BottleneckLayer.bottleneck_layer_forward with its compose_* methods, on the state
 (hidden, input_tensor, adapter_residual, up, last). Every adapter step is the adapter's own method
-(methods/bottleneck.py `Bottleneck.pre_forward` / `run` / `post_forward`, the code the single-adapter
+(module.py `Bottleneck.pre_forward` / `run` / `post_forward`, the code the single-adapter
 emitter uses too), so PHM layers, gating, scaling and stochastic depth behave the same in every block:
 
     pre(a):    t, q, r = a.pre_forward(hidden, x, LN)      # e.g. t = LN(h + x), r = h  (seq_bn)
@@ -25,12 +25,21 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
-from ..composition import Block
-from ..methods.bottleneck import Bottleneck
+from ...compose.fusion_spec import FUSION_METHOD
+from ...composition import Block
+from ...errors import UserError
+from ...graph_edit import Emitter, add_module
+from ...graph_ops import aten
+from ...sites import SiteMap
+from ..base import Placement, SiteModule, freeze
+from .emit import reference_module
 from .fusion import Fusion
+from .module import Bottleneck
+
+PASS = "lower_composition"
 
 Tensors = dict[str, torch.Tensor]
 
@@ -161,3 +170,32 @@ class BottleneckSite(nn.Module):
         hidden = torch.mean(torch.stack([s.hidden * w for s, w in pairs], 0), dim=0)
         first = pairs[0][0]
         return State(hidden, first.input_tensor, first.residual, first.up, pairs[-1][0].last, state.ln, state.shared)
+
+
+def lower_residual(gm: fx.GraphModule, spec, sites: SiteMap, paths: list, index: int,
+                    modules: dict[str, SiteModule], shared: dict[str, tuple[fx.Node, ...]]
+                    ) -> tuple[int, list[Placement]]:
+    """`y = BottleneckSite(h, x, ln_w, ln_b)` at one residual site; returns (nodes made, placements)."""
+    site = sites.residuals[index]
+    fusions = {f.name: freeze(Fusion(f.config, site.hidden_size)) for f in spec.fusions
+               if set(f.adapters) & set(modules)}
+    norm = site.norm
+    if norm is not None and norm.target != aten.layer_norm.default:
+        raise UserError(f"composition at {site.role} of layer {site.layer}: the site's norm is "
+                        f"{norm.target}, fxadapt composes bottleneck adapters only around layer_norm.")
+    module = BottleneckSite(paths, {n: m.module for n, m in modules.items()}, fusions,
+                            (list(norm.args[1]), float(norm.args[4]) if len(norm.args) > 4 else 1e-5)
+                            if norm is not None else None)
+    path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
+    emit = Emitter(gm, site.output, {"adapter": ",".join(modules), "method": "composition", "pass": PASS,
+                                     "site": site.role, "layer": site.layer})
+    ln_args = (norm.args[2], norm.args[3]) if norm is not None else (None, None)
+    uses = [a for n, m in modules.items() if m.module.shared_names for a in shared[n]]  # Compacter's PHM tensors
+    out = emit.call_module(path, (site.hidden, site.residual, *ln_args, *uses))
+    emit.reroute(site.output, out)
+    ref = reference_module(site)
+    placements = [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",
+                            m.reference_module, 0) for n, m in modules.items()]
+    placements += [Placement(f, FUSION_METHOD, site.role, site.layer, f"{path}.adapter_fusion_layer.{f}",
+                             ref.rpartition(".")[0] + ".adapter_fusion_layer", 0) for f in fusions]
+    return len(emit.created), placements

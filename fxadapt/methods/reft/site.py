@@ -5,7 +5,7 @@ the intervention of the setup's *first* adapter, if that is a ReFT adapter, and 
                      own residual sites, before r reads the layer output
     Stack(b, r):     no intervention (b is the first adapter)
 
-`lower_reft` has the signature of passes/lower_composition.py's LOWER_SITES entries; it runs before the
+`lower_reft` has the signature of the lowerers passes/lower_composition.py gathers (LOWERERS); it runs before the
 residual sites are lowered, so a composed bottleneck site at the same layer output feeds the intervention.
 """
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..graph_edit import add_module
-from ..methods import reft
-from ..methods.base import Placement, SiteModule
-from ..sites import SiteMap
+from ...graph_edit import add_module
+from ...sites import SiteMap
+from ..base import Placement, SiteModule
+from . import module as reft
 
 PASS = "lower_composition"
 

@@ -5,17 +5,17 @@ adapter runs, for every row and every block kind (Stack, Parallel, Fuse, Split, 
     e' = INV_first(e)   after the embeddings;   z' = INV_first⁻¹(z)   before the LM head
 
 The other adapters' blocks are kept (their checkpoints load and save) but not called. `lower_invertible` has the
-signature of the entries of passes/lower_composition.py's LOWER_SITES.
+signature of the lowerers passes/lower_composition.py gathers (LOWERERS).
 """
 
 from __future__ import annotations
 
 from torch import fx
 
-from ..graph_edit import add_module
-from ..methods import invertible
-from ..methods.base import Placement, SiteModule
-from ..sites import SiteMap
+from ...graph_edit import add_module
+from ...sites import SiteMap
+from ..base import Placement, SiteModule
+from . import invertible
 
 PASS = "lower_composition"
 

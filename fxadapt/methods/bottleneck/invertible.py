@@ -25,12 +25,12 @@ from collections.abc import Iterator
 import torch
 from torch import fx, nn
 
-from ..errors import UserError
-from ..graph_edit import Emitter, add_module
-from ..graph_ops import ADDMM, LINEAR, PASS_THROUGH, aten, is_call, weight_node
-from ..sites import SiteMap
-from .activation import make_activation
-from .base import Placement, freeze
+from ...errors import UserError
+from ...graph_edit import Emitter, add_module
+from ...graph_ops import ADDMM, LINEAR, PASS_THROUGH, aten, is_call, weight_node
+from ...sites import SiteMap
+from ..activation import make_activation
+from ..base import Placement, freeze
 
 METHOD = "bottleneck"
 BLOCKS = ("nice", "glow")

@@ -23,16 +23,16 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..errors import UserError
-from ..graph_edit import Emitter, add_module
-from ..graph_ops import aten
-from ..sites import SiteMap
-from .activation import make_activation
-from .base import MethodConfig, Placement, SiteModule, freeze, require_type
+from ...errors import UserError
+from ...graph_edit import Emitter, add_module
+from ...graph_ops import aten
+from ...sites import SiteMap
+from ..activation import make_activation
+from ..base import MethodConfig, Placement, SiteModule, freeze, require_type
 
 NAME = "reft"
 # The reference's ReftLayer is no composable layer: under any setup it runs the setup's first adapter only.
-# fxadapt composes ReFT in Stack (compose/reft_site.py), the block the reference documents for it.
+# fxadapt composes ReFT in Stack (site.py), the block the reference documents for it.
 BLOCKS: tuple[str, ...] = ("stack",)
 
 
@@ -212,7 +212,7 @@ def composition_refusal(config: Config) -> str | None:
 
 
 def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
-    """One intervention per selected layer (index: the layer); compose/reft_site.py wires the setup's first."""
+    """One intervention per selected layer (index: the layer); site.py wires the setup's first."""
     return [SiteModule("reft", site.layer, freeze(ReftModule(site.hidden_size, config)),
                        reference_module(sites, site.layer)) for site in _layers(sites, config, path)]
 

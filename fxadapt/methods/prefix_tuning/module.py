@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from ..attention_sites import AttentionCore, emitter_before, find_attention_cores, pad_mask
-from ..errors import UserError
-from ..graph_edit import add_module
-from ..graph_ops import ADDMM, aten, is_call
-from ..sites import SiteMap
-from .activation import make_activation
-from .base import MethodConfig, Placement, SiteModule, freeze, require_type
+from ...attention_sites import AttentionCore, emitter_before, find_attention_cores, pad_mask
+from ...errors import UserError
+from ...graph_edit import add_module
+from ...graph_ops import ADDMM, aten, is_call
+from ...sites import SiteMap
+from ..activation import make_activation
+from ..base import MethodConfig, Placement, SiteModule, freeze, require_type
 
 NAME = "prefix_tuning"
 # The reference's PrefixTuningLayer.supported_compositions.
@@ -187,7 +187,7 @@ def composition_refusal(config: Config) -> str | None:
 
 
 def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
-    """One prefix pool per location (index into LOCATIONS); compose/prefix_site.py joins the pools per core."""
+    """One prefix pool per location (index into LOCATIONS); site.py joins the pools per core."""
     found = groups(attention_cores(gm, sites, path), config, path)
     return [SiteModule("prefix", LOCATIONS.index(location), make_group(location, members, config), POOL_KEY)
             for location, members in found.items()]
