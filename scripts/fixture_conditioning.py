@@ -3,7 +3,7 @@
 A fixture can only check a tolerance that float32 rounding alone does not use up; docs/fixtures.md
 ("Conditioning") explains the limit (a quarter of the 1e-5 parity tolerance) and why it exists.
 
-Run in the reference venv (see scripts/make_reference_fixtures.py), from the repository root::
+Run in the reference venv (see scripts/make_fixtures.py), from the repository root::
 
     .refvenv/bin/python scripts/fixture_conditioning.py
 

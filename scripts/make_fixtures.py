@@ -22,12 +22,13 @@ import sys
 from pathlib import Path
 
 import torch
-from fixtures import bottleneck, core, lora_family, mtl_lora, prefix_reft, union
+from fixtures import bottleneck, composition, core, lora_family, mtl_lora, prefix_reft, union
 from fixtures.common import ARCHS, build_base_model, write_case_json
 
 # The families in the order they are built (each one's cases in table order).
 FAMILIES = {"core": core.CASES, "bottleneck": bottleneck.CASES, "lora_family": lora_family.CASES,
-            "prefix_reft": prefix_reft.CASES, "union": union.CASES, "mtl_lora": mtl_lora.CASES}
+            "prefix_reft": prefix_reft.CASES, "union": union.CASES, "mtl_lora": mtl_lora.CASES,
+            "composition": composition.CASES}
 
 
 def selected(families: list[str] | None, names: list[str]) -> list[tuple[str, object]]:
@@ -78,7 +79,8 @@ def main() -> None:
             shutil.rmtree(case_dir)  # no half-written case
             raise
         write_case_json(case_dir, meta, case.compact_json)
-        print(f"{name}: {len(meta.get('adapter_keys', []))} adapter tensors, attn={meta['attn_implementation']}")
+        keys = f"{len(meta['adapter_keys'])} adapter tensors, " if "adapter_keys" in meta else ""
+        print(f"{name}: {keys}attn={meta['attn_implementation']}")
 
 
 if __name__ == "__main__":

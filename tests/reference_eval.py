@@ -71,7 +71,7 @@ def evaluate_case(case: str, out_dir: Path, atol: float = 1e-5) -> tuple[Result,
 
 
 def _composition_spec(case: str, info: dict):
-    """A composition case (scripts/make_fixtures_composition.py): several adapters, a setup, fusions; it is
+    """A composition case (scripts/fixtures/composition.py): several adapters, a setup, fusions; it is
     captured with dynamic dims except those BatchSplit and Split pin."""
     return parse_spec({"adapters": {n: {"load": d} for n, d in info["adapters"].items()}, "active": info["setup"],
                        "fusions": info.get("fusions", []), "optimize": {"merge_lora": False}},
