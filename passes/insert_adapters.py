@@ -45,12 +45,7 @@ def insert_adapters(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix:
 
 def _needs(adapter) -> str:
     config = adapter.config
-    describe = getattr(adapter.method, "describe_sites", None)  # declared by the method (the LoRA family)
+    describe = getattr(adapter.method, "describe_sites", None)  # declared by the method (methods/base.py)
     if describe is not None:
         return describe(config)
-    if adapter.method.NAME == "union":
-        return "the sites of its members"
-    if not hasattr(config, "mh_adapter"):
-        return f"the sites {adapter.method.NAME} adapts"
-    return "residual adds after " + " and ".join(
-        (["attention"] if config.mh_adapter else []) + (["the FFN"] if config.output_adapter else []))
+    return f"the sites {adapter.method.NAME} adapts"

@@ -112,3 +112,34 @@ def test_no_site_error_reads_the_methods_own_description(monkeypatch):
     assert _needs(adapter) == "attention projections k or FFN projections"
     monkeypatch.setattr(lora, "describe_sites", lambda config: f"r={config.r} sites")
     assert _needs(adapter) == "r=8 sites"
+
+
+def test_composed_site_kinds_are_lowered_by_the_family_that_declares_them():
+    """passes/lower_composition.py gathers each family's LOWERERS (kind -> (stage, lowerer)) from the registry: a
+    kind is declared by one method only, and the generic pass imports no family's lowerer or module."""
+    from fxadapt.passes import lower_composition
+
+    declared: dict[str, str] = {}
+    for name, module in methods.BY_ARCHITECTURE.items():
+        for kind, (stage, lower) in getattr(module, "LOWERERS", {}).items():
+            assert kind not in declared, f"site kind {kind!r} declared by {declared.get(kind)} and {name}"
+            assert stage in (0, 1) and callable(lower), (name, kind)
+            declared[kind] = name
+    assert declared == {"invertible": "bottleneck", "residual": "bottleneck", "linear": "lora",
+                        "prefix": "prefix_tuning", "reft": "reft"}
+    assert lower_composition.LOWER_SITES == {k: m.LOWERERS[k] for m in methods.BY_ARCHITECTURE.values()
+                                             for k in getattr(m, "LOWERERS", {})}
+    imported = {node.module for node in ast.walk(ast.parse(Path(lower_composition.__file__).read_text()))
+                if isinstance(node, ast.ImportFrom) and node.module}
+    family = {f"fxadapt.methods.{name}" for name in ("bottleneck", "prefix_tuning", "reft")}
+    assert not {m for m in imported if any(m == f or m.startswith(f + ".") for f in family)}
+
+
+@pytest.mark.parametrize("architecture, strategies", [("lora", {"linear", "lora_delta_w_svd"}),
+                                                      ("bottleneck", {"linear"}), ("mtl_lora", {"linear"})])
+def test_methods_declare_their_combine_strategies_and_fusability(architecture, strategies):
+    """lifecycle/averaging.py and fusion_io.py read what the method declares, not its name."""
+    module = methods.BY_ARCHITECTURE[architecture]
+    assert strategies <= set(module.Config.combine_strategies)
+    assert "lora_delta_w_svd" not in module.Config.combine_strategies or architecture == "lora"
+    assert getattr(module, "FUSABLE", False) is (architecture == "bottleneck")

@@ -56,7 +56,7 @@ def averaged_config(configs: dict[str, MethodConfig], strategy: str, svd_rank: i
         if type(configs[name]) is not type(first) or comparable(configs[name]) != comparable(first):
             raise UserError(f"average_adapter: adapters {names[0]!r} and {name!r} have different configurations; "
                             "only adapters with the same config (up to dropout and init_weights) can be averaged.")
-    if strategy != "linear" and first.architecture != "lora":
+    if strategy not in first.combine_strategies:
         raise UserError(f"average_adapter: combine_strategy {strategy!r} applies to LoRA adapters only; use "
                         f"\"linear\" for a {first.architecture} adapter.")
     if strategy == "lora_delta_w_svd":

@@ -71,7 +71,8 @@ class FusionMixin:
             raise UserError(f"{path}: expected Fuse(\"a\", \"b\"), a list of adapter names or \"a,b\"; a fusion "
                             "attends over adapters named directly (as in the reference).")
         self._require(children, path)
-        bottlenecks = all(self._adapters[n].method.NAME == "bottleneck" for n in children)  # others: check_setup
+        # Fusable methods (their FUSABLE declaration) are checked here; others are refused by check_setup.
+        bottlenecks = all(getattr(self._adapters[n].method, "FUSABLE", False) for n in children)
         for location in ("mh_adapter", "output_adapter") if bottlenecks else ():  # the reference's common_config_value
             values = {n: getattr(self._adapters[n].config, location) for n in children}
             if len(set(values.values())) > 1:

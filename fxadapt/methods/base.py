@@ -28,6 +28,8 @@ class MethodConfig:
     """Base of method configs. Field names are AdapterHub's, so its adapter_config.json loads as is."""
 
     architecture: ClassVar[str] = ""
+    # average_adapter's combine_strategy values this method's adapters accept (lifecycle/averaging.py).
+    combine_strategies: ClassVar[tuple[str, ...]] = ("linear",)
     # Reference fields with no effect on the forward pass (initialisation only), accepted as is.
     _inert: ClassVar[tuple[str, ...]] = ("init_weights", "init_weights_seed", "dtype")
 
@@ -121,6 +123,11 @@ class Method(Protocol):
     peft_layout(config) -> bool   save_adapter also writes PEFT's layout (lifecycle/saving.py)
     describe_sites(config) -> str the sites it needs, for the "no site" error (passes/insert_adapters.py)
     SHARABLE                      tensor names share_parameters ties across a multi-task group (lifecycle/sharing.py)
+    LOWERERS                      SiteModule.kind -> (stage, lowerer) for the kinds of site it composes: the
+                                  lowerer(gm, spec, sites, paths, index, modules, shared) -> (nodes, placements)
+                                  lowers one composed site; stage 0 runs before 1 (passes/lower_composition.py)
+    FUSABLE                       its adapters may join a Fuse block (AdapterFusion; lifecycle/fusion_io.py)
+    Config.combine_strategies     average_adapter strategies beyond "linear" (lifecycle/averaging.py)
     """
 
     NAME: str

@@ -80,6 +80,11 @@ class Config(MethodConfig):
         return {"architecture": "union", "configs": [config.to_dict() for _, config in self.members]}
 
 
+def describe_sites(config: Config) -> str:
+    """For insert_adapters' "no site for this adapter" error."""
+    return "the sites of its members"
+
+
 def composition_refusal(config: Config) -> str | None:
     return None  # BLOCKS is empty: compose/rules.py refuses every block
 

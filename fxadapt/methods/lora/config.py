@@ -20,6 +20,7 @@ class Config(MethodConfig):
     """AdapterHub's LoRAConfig (also IA3Config, VeraConfig, DoRAConfig: same class, other defaults)."""
 
     architecture = "lora"
+    combine_strategies = ("linear", "lora_linear_only_negate_b", "lora_delta_w_svd")
     selfattn_lora: bool = True
     intermediate_lora: bool = False
     output_lora: bool = False

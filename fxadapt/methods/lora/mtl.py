@@ -51,6 +51,7 @@ class Config(lora_config.Config):
     """AdapterHub's MTLLoRAConfig: LoRAConfig plus the multi-task fields."""
 
     architecture = "mtl_lora"
+    combine_strategies = ("linear",)
     n_up_projection: int = 1
     task_specific_matrix_type: str = "singular_values"
     weights_sharpness: float = 0.05
