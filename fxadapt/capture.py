@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch.export import Dim
+from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
 from . import builtin
 from .errors import UserError
@@ -58,7 +59,7 @@ def load_model(name: str, task: str | None = None) -> torch.nn.Module:
     """Load a Hugging Face model (directory or hub id) or a built-in, in eval mode, without KV cache."""
     if builtin.is_builtin(name):
         return builtin.build(name)
-    import transformers
+    import transformers  # heavy: built-in models and captured graphs never need it
 
     if task is not None and task not in TASKS:
         raise UserError(f"unknown --task {task!r}; choose one of: {', '.join(TASKS)}.")
@@ -197,7 +198,7 @@ def exportable_masks() -> Iterator[None]:
     Its own exporter (integrations/executorch.py) swaps in `sdpa_mask_without_vmap`; this swaps it in for
     "sdpa" only for the export, so models that test `_attn_implementation == "sdpa"` (DistilBERT) are
     unaffected. transformers 5.x builds masks without vmap and has no such function: nothing to do."""
-    try:
+    try:  # transformers internals (heavy), only in transformers 4.x
         from transformers.integrations.executorch import sdpa_mask_without_vmap
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     except ImportError:
@@ -262,8 +263,6 @@ def _refined_dims(message: str, shapes: dict[str, dict[int, Any]]) -> dict[str, 
     if "Constraints violated" not in message:
         return None
     if "Suggested fixes:" in message:
-        from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
-
         try:
             refined = refine_dynamic_shapes_from_suggested_fixes(message, shapes)
         except Exception:  # an unparsable suggestion: report the original failure

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from .errors import UserError
@@ -175,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         if debug:
             raise
-        import traceback
-
         traceback.print_exc()
         _say("error: this is a bug in fxadapt; please report it with the traceback above.")
         return 1

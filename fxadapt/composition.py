@@ -311,7 +311,7 @@ def setup_dynamic_shapes(dynamic_shapes: dict[str, dict[int, Any]], block: Block
                          ) -> dict[str, dict[int, Any]]:
     """The export's dynamic dims for a setup (a copy): the dims Split / BatchSplit pin are made static, and a
     Parallel's batch is bounded so that its N copies stay in range (torch.export also guards batch >= 2 there)."""
-    from torch.export import Dim
+    from torch.export import Dim  # this module stays torch-free (spec parsing, the CLI's checks); torch here only
 
     pins, channels = pinned_dims(block), parallel_channels(block)
     shapes = {name: dict(dims) for name, dims in dynamic_shapes.items()}

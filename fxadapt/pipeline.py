@@ -223,7 +223,7 @@ def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, refe
         with stage("onnx_verify", "verifying ONNX Runtime outputs"):
             _check(result, "onnx", lambda inputs: run_onnx(path, inputs), shapes, references, tolerance)
     if "torchscript" in formats:
-        from .export.torchscript import export_torchscript
+        from .export.torchscript import export_torchscript  # as above: only the torchscript format needs it
 
         path = staging / "model.ts"
         with stage("torchscript", "exporting to TorchScript"):

@@ -8,6 +8,7 @@ from typing import Any
 from fxadapt.errors import UserError
 
 from .graph_json import FORMAT, VERSION, diff
+from .render_text import render_text
 
 FORMATS = ("html", "text", "dot", "json", "svg")
 
@@ -25,9 +26,8 @@ def render(stages: list[dict[str, Any]], fmt: str, *, depth: int = 2, base: int 
     if fmt == "json":
         return render_json(stages)
     if fmt == "text":
-        from .render_text import render_text
-
         return render_text(stages)
+    # The graph formats below need networkx (hierarchy.py) and the layout code; json and text do not.
     from .hierarchy import build_hierarchy
     from .union import build_union
 

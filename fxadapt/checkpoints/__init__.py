@@ -15,6 +15,8 @@ from . import adapterhub, peft
 
 def read_config(directory: Path, path: str) -> tuple[ModuleType, MethodConfig]:
     """(method module, validated config) of the checkpoint in `directory`."""
+    # Here, not at the top: the registry imports the methods, and the bottleneck family's fusion imports
+    # compose/fusion_spec.py, which imports this package (a module-level import would close that cycle).
     from .. import methods
     from ..methods.lora import peft as peft_lora
 

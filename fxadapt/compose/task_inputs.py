@@ -8,6 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture import input_names_for, load_model, make_inputs
+from ..errors import UserError
+
 
 class TaskIdsModel(nn.Module):
     """`forward(**inputs, task_ids)`: the wrapped model's forward; task_ids is read by the composed sites.
@@ -27,14 +30,10 @@ class TaskIdsModel(nn.Module):
 
 def with_task_ids(model: nn.Module | str, example_inputs: dict | None, task: str | None,
                   tasks: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    from ..capture import input_names_for, load_model, make_inputs
-
     if isinstance(model, str):
         model = load_model(model, task)
     names = input_names_for(model)
     if names != ["input_ids", "attention_mask"]:
-        from ..errors import UserError
-
         raise UserError(f"$.active: multi_task needs a text model with input_ids and attention_mask; this model "
                         f"takes {names}.")
     if example_inputs is None:

@@ -23,7 +23,7 @@ def export_onnx(ep: torch.export.ExportedProgram, path: Path, output_names: list
     decompositions. That route is the fallback only: it takes ~3x longer and lowers ops like layer_norm
     that ONNX has natively.
     """
-    import onnx
+    import onnx  # heavy, and only the ONNX format needs it
 
     tmp = path.with_name(path.name + ".tmp")
     decomposed = False
@@ -47,7 +47,7 @@ def _to_onnx(ep: torch.export.ExportedProgram, output_names: list[str]):
 
 
 def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy (native runtime), loaded only to verify an ONNX export
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -25,6 +25,7 @@ from ..blocks import Fuse
 from ..checkpoints import adapterhub
 from ..checkpoints.writer import write_into
 from ..compose import fusion_spec
+from ..compose.rules import blocks
 from ..errors import UserError
 from ..graph_edit import slug
 from . import saving
@@ -205,7 +206,5 @@ class FusionMixin:
 
 def _fusion_names(setup: Any) -> set[str]:
     """The fusion names the Fuse blocks of a parsed setup (fxadapt.composition.Block) use."""
-    from ..compose.rules import blocks
-
     return {b.fusion_name for b in blocks(setup) if b.kind == "fuse"} if setup is not None else set()
 

@@ -78,6 +78,7 @@ def loss_type_of(model: nn.Module | None, class_name: str) -> str | None:
 def task_loss(loss_type: str | None, outputs: Any, labels: torch.Tensor, config: Any,
               num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:
     """The loss the captured model's own head computes from its logits and `labels`."""
+    # transformers internals (heavy), needed only when training computes the loss.
     from transformers.loss.loss_utils import (
         ForCausalLMLoss,
         ForMaskedLMLoss,
