@@ -1,7 +1,7 @@
 """Rewrite pass: lower a composition setup (Stack, Parallel, Fuse, Split, BatchSplit, Average, MultiTask)
-into the graph. Each site where an adapter of the setup acts gets ONE call to a composed module
-(fxadapt/compose/): `y = BottleneckSite(h, x, ln_w, ln_b)` at residual sites, `y' = LoRASite(x, y)` at
-projections. The adapters' modules live inside it under `adapters.<name>` (fusions under
+into the graph. Each site where an adapter of the setup acts gets ONE call to a composed module (the
+family's site.py, lowered by the family's LOWERERS): `y = BottleneckSite(h, x, ln_w, ln_b)` at residual
+sites, `y' = LoRASite(x, y)` at projections. The adapters' modules live inside it under `adapters.<name>` (fusions under
 `adapter_fusion_layer.<a,b>`), so their state dicts carry the reference's parameter names.
 
 Parallel with N children replicates every model input N times at the graph entry (rows are independent
