@@ -65,3 +65,25 @@ class Emitter:
         """Make every consumer of `old` read `new`, except the nodes just created and `keep`."""
         spare = set(self.created) | set(keep)
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in spare)
+
+
+def shared_attrs(gm: fx.GraphModule, targets: tuple[str, ...], origin: dict) -> tuple[fx.Node, ...]:
+    """get_attr nodes for shared parameters, placed after the graph's existing get_attr nodes."""
+    if not targets:
+        return ()
+    last = None
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            last = node
+        elif node.op not in ("placeholder",):
+            break
+    created = []
+    for target in targets:
+        context = gm.graph.inserting_after(last) if last is not None else gm.graph.inserting_before(
+            next(n for n in gm.graph.nodes if n.op != "placeholder"))
+        with context:
+            node = gm.graph.get_attr(target)
+        node.meta[meta.ORIGIN] = dict(origin)
+        created.append(node)
+        last = node
+    return tuple(created)

@@ -17,11 +17,10 @@ from fxadapt import checkpoints
 from fxadapt.compose import fusion_spec
 from fxadapt.composition import Block
 from fxadapt.errors import UserError
-from fxadapt.graph_edit import Emitter, add_module
+from fxadapt.graph_edit import Emitter, add_module, shared_attrs
 from fxadapt.graph_ops import aten
 from fxadapt.methods import BY_ARCHITECTURE
 from fxadapt.methods.base import Placement, SiteModule, freeze
-from fxadapt.methods.lora import shared_attrs
 from fxadapt.sites import SiteMap
 from fxadapt.spec import Spec
 

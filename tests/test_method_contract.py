@@ -131,7 +131,7 @@ def test_composed_site_kinds_are_lowered_by_the_family_that_declares_them():
                                              for k in getattr(m, "LOWERERS", {})}
     imported = {node.module for node in ast.walk(ast.parse(Path(lower_composition.__file__).read_text()))
                 if isinstance(node, ast.ImportFrom) and node.module}
-    family = {f"fxadapt.methods.{name}" for name in ("bottleneck", "prefix_tuning", "reft")}
+    family = {f"fxadapt.methods.{name}" for name in ("bottleneck", "lora", "prefix_tuning", "reft")}
     assert not {m for m in imported if any(m == f or m.startswith(f + ".") for f in family)}
 
 

@@ -14,9 +14,10 @@ This package is the "lora" method (fxadapt.methods.base.Method): the names below
 
 from __future__ import annotations
 
+from ...graph_edit import shared_attrs
 from .config import ALIASES, BLOCKS, INIT_WEIGHTS, NAME, PRESETS, Config
 from .emit import build, composition_refusal, emit, site_modules, targets
-from .family import FamilyModule, apply_at, gate_mean, projection_io, shared_attrs, weight_and_bias
+from .family import FamilyModule, apply_at, gate_mean, projection_io, weight_and_bias
 from .lower import lower_linear
 from .module import LoRA
 

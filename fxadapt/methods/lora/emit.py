@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from torch import fx
 
 from ...errors import UserError
-from ...graph_edit import add_module
+from ...graph_edit import add_module, shared_attrs
 from ...sites import LinearSite, SiteMap
 from ..base import Placement, SiteModule, freeze
 from . import dora, ia3, vera
 from .config import Config
-from .family import FamilyModule, apply_at, shared_attrs
+from .family import FamilyModule, apply_at
 from .module import LoRA
 
 

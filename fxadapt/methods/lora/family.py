@@ -22,7 +22,6 @@ from typing import ClassVar
 import torch
 from torch import fx, nn
 
-from ... import meta
 from ...errors import UserError
 from ...graph_edit import Emitter
 from ...graph_ops import ADDMM, aten, is_call
@@ -86,28 +85,6 @@ def weight_and_bias(node: fx.Node) -> tuple[fx.Node, fx.Node | None]:
         return node.args[2], node.args[0]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     return node.args[1], bias
-
-
-def shared_attrs(gm: fx.GraphModule, targets: tuple[str, ...], origin: dict) -> tuple[fx.Node, ...]:
-    """get_attr nodes for shared parameters, placed after the graph's existing get_attr nodes."""
-    if not targets:
-        return ()
-    last = None
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            last = node
-        elif node.op not in ("placeholder",):
-            break
-    created = []
-    for target in targets:
-        context = gm.graph.inserting_after(last) if last is not None else gm.graph.inserting_before(
-            next(n for n in gm.graph.nodes if n.op != "placeholder"))
-        with context:
-            node = gm.graph.get_attr(target)
-        node.meta[meta.ORIGIN] = dict(origin)
-        created.append(node)
-        last = node
-    return tuple(created)
 
 
 def apply_at(gm: fx.GraphModule, site: LinearSite, module: FamilyModule, module_path: str, origin: dict,
