@@ -84,13 +84,25 @@ def load_model(name: str, task: str | None = None) -> torch.nn.Module:
         cls = transformers.AutoModel
     try:
         model = cls.from_pretrained(name, config=config)
-    except pickle.UnpicklingError:  # torch's own message advises weights_only=False: never, for untrusted files
-        raise UserError(f"model {name!r}: its pickle weights (pytorch_model.bin) hold objects other than tensors, "
-                        "which fxadapt does not unpickle because unpickling can run code. Use a model directory "
-                        "with model.safetensors, converted from a source you trust.") from None
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (pickle.UnpicklingError, OSError, ValueError, RuntimeError) as exc:
+        # torch's own message advises weights_only=False (never, for untrusted files); transformers 4.57 wraps
+        # it in an OSError that advises from_tf=True, so the cause is looked up along the chain.
+        if _caused_by(exc, pickle.UnpicklingError):
+            raise UserError(f"model {name!r}: its pickle weights (pytorch_model.bin) hold objects other than "
+                            "tensors, which fxadapt does not unpickle because unpickling can run code. Use a model "
+                            "directory with model.safetensors, converted from a source you trust.") from None
         raise UserError(f"model {name!r}: cannot load its weights ({str(exc).splitlines()[0]}).") from None
     return model.eval()
+
+
+def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _max_positions(config: Any) -> int:
