@@ -72,6 +72,23 @@ def load_case(name: str) -> tuple[dict, dict]:
     return json.loads((case / "case.json").read_text()), load_file(str(case / "io.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def captured():
+    """The tiny reference BERT captured once per test module (captures are the slow part); a module that needs
+    another model defines its own `captured`."""
+    from fxadapt.lifecycle.base_graph import capture_base  # imported here so that collection stays fast
+
+    return capture_base(str(REFERENCE / "models" / "bert"))
+
+
+@pytest.fixture
+def model(captured):
+    """A fresh AdaptedModel over the module's one capture."""
+    import fxadapt
+
+    return fxadapt.AdaptedModel(*captured)
+
+
 @pytest.fixture
 def write_spec(tmp_path):
     def write(data, name: str = "spec.json") -> Path:

@@ -13,14 +13,8 @@ from safetensors.torch import load_file, save_file
 import fxadapt
 from conftest import REFERENCE
 from fxadapt.errors import UserError
-from fxadapt.lifecycle.base_graph import capture_base
 
 BERT = REFERENCE / "models" / "bert"
-
-
-@pytest.fixture(scope="module")
-def captured():
-    return capture_base(str(BERT))
 
 
 @pytest.fixture

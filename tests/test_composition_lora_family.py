@@ -27,11 +27,6 @@ CONFIGS = {"l": "lora[r=4,alpha=8]", "i": "ia3[attn_matrices=['q','v'],intermedi
            "g": "lora[r=2,alpha=4,use_gating=True]"}
 
 
-@pytest.fixture(scope="module")
-def captured():
-    return capture_base(str(BERT))
-
-
 def _model(captured, names: str) -> fxadapt.AdaptedModel:
     model = fxadapt.AdaptedModel(*captured)
     gen = torch.Generator().manual_seed(7)

@@ -204,18 +204,6 @@ def test_a_model_whose_pickle_torch_refuses_exits_2_without_advising_weights_onl
     assert "weights_only" not in err
 
 
-@pytest.fixture(scope="module")
-def captured():
-    from fxadapt.lifecycle.base_graph import capture_base
-
-    return capture_base(str(BERT))
-
-
-@pytest.fixture
-def model(captured):
-    return fxadapt.AdaptedModel(*captured)
-
-
 @pytest.mark.parametrize("source, change", [(LORA, {"r": 10**9}), (SEQ_BN, {"reduction_factor": 1e-7}),
                                             (PEFT, {"rank_pattern": {"value": 10**9}})])
 def test_load_adapter_checks_sizes_before_allocating(model, tmp_path, source, change):

@@ -13,21 +13,9 @@ import fxadapt
 from conftest import REFERENCE, load_case
 from fxadapt.checkpoints import adapterhub
 from fxadapt.errors import UserError
-from fxadapt.lifecycle.base_graph import capture_base
 
 BERT = REFERENCE / "models" / "bert"
 LORA = "lora[r=4,alpha=8,intermediate_lora=True]"
-
-
-@pytest.fixture(scope="module")
-def captured():
-    return capture_base(str(BERT))
-
-
-@pytest.fixture
-def model(captured):
-    """A fresh AdaptedModel over the module's one capture (captures are the slow part)."""
-    return fxadapt.AdaptedModel(*captured)
 
 
 def _inputs(model, batch=2, seq=6):

@@ -13,22 +13,11 @@ import fxadapt
 from conftest import REFERENCE, load_case
 from fxadapt import Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack
 from fxadapt.errors import UserError
-from fxadapt.lifecycle.base_graph import capture_base
 
 BERT = REFERENCE / "models" / "bert"
 CASES = ["bert__stack_bn", "bert__fuse", "bert__stack_fuse", "bert__parallel_bn", "bert__stack_parallel",
          "bert__split_bn", "bert__batch_split_bn", "bert__average_bn", "bert__stack_lora", "bert__parallel_lora",
          "bert__average_lora", "bert__batch_split_lora", "bert__multi_task_lora", "bert__parallel_mixed"]
-
-
-@pytest.fixture(scope="module")
-def captured():
-    return capture_base(str(BERT))
-
-
-@pytest.fixture
-def model(captured):
-    return fxadapt.AdaptedModel(*captured)
 
 
 def _inputs(model, batch=2, seq=6):

@@ -16,19 +16,8 @@ from conftest import REFERENCE
 from fxadapt.checkpoints import adapterhub
 from fxadapt.checkpoints.writer import STAGING_PREFIX
 from fxadapt.errors import UserError
-from fxadapt.lifecycle.base_graph import capture_base
 
 BERT = REFERENCE / "models" / "bert"
-
-
-@pytest.fixture(scope="module")
-def captured():
-    return capture_base(str(BERT))
-
-
-@pytest.fixture
-def model(captured):
-    return fxadapt.AdaptedModel(*captured)
 
 
 def _out(model):

@@ -10,14 +10,8 @@ import fxadapt
 from conftest import REFERENCE, load_case
 from fxadapt import MultiTask
 from fxadapt.errors import UserError
-from fxadapt.lifecycle.base_graph import capture_base
 
 CASE = "bert__mtl_lora"
-
-
-@pytest.fixture(scope="module")
-def captured():
-    return capture_base(str(REFERENCE / "models" / "bert"))
 
 
 def _loaded(captured):
