@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -27,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import UserError
-from .staging import make_staging, sweep_stale
+from .staging import make_staging, replace_path, sweep_stale
 
 STAGING_PREFIX = ".fxadapt-stage-"
 REPORT = "report.json"
@@ -66,7 +64,7 @@ class Publication:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             items = sorted(self.staging.iterdir(), key=lambda p: (p.name == REPORT, p.name))
             for item in items:
-                _move(item, self.out_dir / item.name)
+                replace_path(item, self.out_dir / item.name)
         except OSError as exc:
             raise UserError(f"cannot write the output directory {self.out_dir} ({exc.strerror or exc}); choose a "
                             "writable -o path.") from None
@@ -106,31 +104,3 @@ def _staging_home(out: Path) -> Path:
         raise UserError(f"cannot write the output directory {out}: {home} is not writable; choose a writable "
                         "-o path.")
     return home
-
-
-def _move(item: Path, target: Path) -> None:
-    """Put `item` at `target` atomically, replacing a file, directory or symlink there (never its link target)."""
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        target.unlink()
-    elif target.is_dir():
-        shutil.rmtree(target)
-    try:
-        os.replace(item, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        # Another filesystem: copy next to the target first, then rename there (atomic on that filesystem).
-        partial = target.with_name(f".{target.name}.fxadapt-partial-{os.getpid()}")
-        try:
-            if item.is_dir():
-                shutil.copytree(item, partial, symlinks=True)
-            else:
-                shutil.copy2(item, partial)
-            os.replace(partial, target)
-        except BaseException:
-            if partial.is_dir():
-                shutil.rmtree(partial, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    partial.unlink()
-            raise

@@ -1,7 +1,10 @@
-"""Hidden staging directories named by the writing process's pid, and the sweep of those a killed process left."""
+"""Hidden staging directories named by the writing process's pid, the sweep of those a killed process left, and
+moving a staged file into place."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -29,3 +32,30 @@ def _running(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def replace_path(item: Path, target: Path) -> None:
+    """Put `item` at `target` atomically, replacing a file, directory or symlink there. rename(2) replaces a
+    symlink itself, never what it points to; a real directory is removed first. Across filesystems (a mounted
+    target) `item` is copied beside the target and renamed there, so the target still appears at once."""
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    try:
+        os.replace(item, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        partial = target.with_name(f".{target.name}.fxadapt-partial-{os.getpid()}")
+        try:
+            if item.is_dir():
+                shutil.copytree(item, partial, symlinks=True)
+            else:
+                shutil.copy2(item, partial)
+            os.replace(partial, target)
+        except BaseException:
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    partial.unlink()
+            raise

@@ -77,8 +77,8 @@ def test_out_as_a_symlink_or_a_file_is_refused(tmp_path):
 
 def test_report_moves_last(tmp_path, monkeypatch):
     order = []
-    real = publish._move
-    monkeypatch.setattr(publish, "_move", lambda item, target: (order.append(item.name), real(item, target)))
+    real = publish.replace_path
+    monkeypatch.setattr(publish, "replace_path", lambda item, target: (order.append(item.name), real(item, target)))
     with (p := Publication(tmp_path / "out")) as staging:
         (staging / "z.bin").write_text("z")
         _build(staging)

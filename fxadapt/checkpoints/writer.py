@@ -12,13 +12,12 @@ in DIR stays. New files and directories get the user's umask, like any file they
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import UserError
-from ..staging import make_staging, sweep_stale
+from ..staging import make_staging, replace_path, sweep_stale
 
 STAGING_PREFIX = ".fxadapt-save-"
 
@@ -47,9 +46,7 @@ def write_into(directory: Path, path: str, known: Iterable[str], last: str) -> I
         for relative in sorted(written, key=lambda r: r == last):
             target = directory / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.is_symlink() or target.is_dir():  # replace the link itself, never what it points to
-                target.unlink() if target.is_symlink() else shutil.rmtree(target)
-            os.replace(stage / relative, target)
+            replace_path(stage / relative, target)
         for relative in set(known) - set(written):
             stale = directory / relative
             if stale.is_file() or stale.is_symlink():
