@@ -20,8 +20,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import checkpoints, methods
+from . import methods
 from .checkpoints.adapterhub import refuse_constant
+from .checkpoints.loading import read_config
 from .compose.fusion_spec import parse_fusions
 from .compose.rules import check_setup
 from .composition import parse_composition
@@ -143,7 +144,7 @@ def _adapter(name: str, value: Any, path: str, base_dir: Path) -> AdapterDef:
                             f"{json.dumps(value['load'])[:60]}.")
         directory = (base_dir / value["load"]).resolve()
         # AdapterHub or PEFT, by the directory's adapter_config.json.
-        module, config = checkpoints.read_config(directory, f"{path}.load")
+        module, config = read_config(directory, f"{path}.load")
         return AdapterDef(name, module, config, path, directory)
     if "config" in value:
         if not isinstance(value["config"], str):

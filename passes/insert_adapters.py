@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxadapt import checkpoints
+from fxadapt.checkpoints.loading import load_into
 from fxadapt.errors import UserError
 from fxadapt.sites import SiteMap
 from fxadapt.spec import Spec
@@ -36,7 +36,7 @@ def insert_adapters(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefix:
                 "config's placement options (attn_matrices, mh_adapter, output_adapter, leave_out)."
             )
         if adapter.load is not None:
-            checkpoints.load_into(gm, found, adapter.load, f"{adapter.path}.load", base_prefix, hidden_size)
+            load_into(gm, found, adapter.load, f"{adapter.path}.load", base_prefix, hidden_size)
         placements += found
         inserted += sum(p.nodes_inserted for p in found)
     gm.meta.setdefault("fxadapt", {})["placements"] = placements

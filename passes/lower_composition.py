@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxadapt import checkpoints
+from fxadapt.checkpoints.loading import load_into
 from fxadapt.compose import fusion_spec
 from fxadapt.composition import Block
 from fxadapt.errors import UserError
@@ -86,7 +86,7 @@ def lower_composition(gm: fx.GraphModule, spec: Spec, sites: SiteMap, base_prefi
     for name in dict.fromkeys(spec.active):
         adapter = spec.adapters[name]
         if adapter.load is not None:
-            checkpoints.load_into(gm, [p for p in placements if p.adapter == name], adapter.load,
+            load_into(gm, [p for p in placements if p.adapter == name], adapter.load,
                                   f"{adapter.path}.load", base_prefix, hidden_size)
     for fusion in spec.fusions:
         if fusion.load is not None:

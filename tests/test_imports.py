@@ -59,19 +59,34 @@ def _module_level(body: list[ast.stmt]):
             yield from _module_level(stmt.body)
 
 
+def _packages_loaded(target: str, module: str, known: set[str]) -> set[str]:
+    """The packages whose `__init__` importing `target` runs first: every enclosing package of `target` (`from pkg
+    import mod` and `import pkg.mod` both initialise pkg), except those enclosing the importer, which are already
+    initialised (or being initialised) when it runs."""
+    parts = target.split(".")
+    enclosing = {".".join(parts[:i]) for i in range(1, len(parts))}
+    importer = module.split(".")
+    mine = {".".join(importer[:i]) for i in range(1, len(importer) + 1)}
+    return (enclosing - mine) & known
+
+
 def _imported(stmt: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: set[str]) -> set[str]:
-    """The known modules one import statement loads: `from p import m` names module p.m when that exists, else p."""
+    """The known modules one import statement loads: `from p import m` names module p.m when that exists, else p,
+    and both load the packages enclosing it (`_packages_loaded`)."""
     if isinstance(stmt, ast.Import):
-        return {alias.name for alias in stmt.names} & known
-    base = stmt.module or ""
-    if stmt.level:
-        anchor = module.split(".") if is_package else module.split(".")[:-1]
-        anchor = anchor[: len(anchor) - (stmt.level - 1)]
-        base = ".".join(anchor + ([base] if base else []))
-    targets = set()
-    for alias in stmt.names:
-        candidate = f"{base}.{alias.name}"
-        targets.add(candidate if candidate in known else base)
+        targets = {alias.name for alias in stmt.names}
+    else:
+        base = stmt.module or ""
+        if stmt.level:
+            anchor = module.split(".") if is_package else module.split(".")[:-1]
+            anchor = anchor[: len(anchor) - (stmt.level - 1)]
+            base = ".".join(anchor + ([base] if base else []))
+        targets = set()
+        for alias in stmt.names:
+            candidate = f"{base}.{alias.name}"
+            targets.add(candidate if candidate in known else base)
+    for target in list(targets):
+        targets |= _packages_loaded(target, module, known)
     return targets & known
 
 
@@ -186,3 +201,22 @@ def test_checker_finds_cycles_and_ignores_deferred_imports(tmp_path):
     assert import_cycles(import_graph(imports)) == [load_cycle]
     assert import_cycles(import_graph(imports, ("load", "call"))) == [load_cycle, ["pkg.d", "pkg.e", "pkg.d"]]
     assert import_graph(imports, ("load", "call", "lazy")).has_edge("pkg", "pkg.a")
+
+
+def test_importing_a_module_of_a_package_runs_the_packages_init(tmp_path):
+    """`from pkg.sub import leaf` (and `from ..sub import leaf`) initialises pkg.sub first: a cycle through that
+    `__init__` is a cycle, although `leaf` itself imports nothing (the checkpoints <-> methods cycle of issue #10
+    hid this way). Packages enclosing the importer are already initialised and are no edge."""
+    modules = _write_tree(tmp_path, {
+        "src/__init__.py": "",
+        "src/user.py": "from pkg.sub import leaf\n",
+        "src/other.py": "from .sub import leaf\n",
+        "src/sub/__init__.py": "from .. import user\n",
+        "src/sub/leaf.py": "",
+        "src/sub/inner.py": "from . import leaf\n",
+    })
+    imports = package_imports(modules, tmp_path)
+    graph = import_graph(imports)
+    assert graph.has_edge("pkg.user", "pkg.sub") and graph.has_edge("pkg.other", "pkg.sub")
+    assert not graph.has_edge("pkg.sub.inner", "pkg.sub") and not graph.has_edge("pkg.user", "pkg")
+    assert import_cycles(graph) == [["pkg.sub", "pkg.user", "pkg.sub"]]

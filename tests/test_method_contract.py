@@ -16,7 +16,7 @@ from fxadapt.methods.base import Method, MethodConfig
 from fxadapt.methods.lora import peft
 
 REGISTRY = Path(methods.__file__)
-# BY_ARCHITECTURE plus the method PEFT checkpoints load as (fxadapt.checkpoints.read_config).
+# BY_ARCHITECTURE plus the method PEFT checkpoints load as (fxadapt.checkpoints.loading.read_config).
 MODULES = {**methods.BY_ARCHITECTURE, "peft_lora": peft}
 # Modules not on the contract yet (strict xfail, so the mark goes once they are); none since issue #10.
 PENDING: set[str] = set()

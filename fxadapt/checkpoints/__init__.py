@@ -1,35 +1,6 @@
 """Checkpoint formats, detected from the directory's `adapter_config.json`: AdapterHub (a "config" object,
-adapterhub.py) or PEFT (a "peft_type", peft.py). `read_config` gives the method and its config for a
-`{"load": DIR}` spec entry; `load_into` copies the weights into the inserted adapter modules."""
+adapterhub.py) or PEFT (a "peft_type", peft.py). loading.py picks the format for a `{"load": DIR}` spec entry.
 
-from __future__ import annotations
-
-from pathlib import Path
-from types import ModuleType
-
-from torch import fx
-
-from ..methods.base import MethodConfig
-from . import adapterhub, peft
-
-
-def read_config(directory: Path, path: str) -> tuple[ModuleType, MethodConfig]:
-    """(method module, validated config) of the checkpoint in `directory`."""
-    # Here, not at the top: the registry imports the methods, and the bottleneck family's fusion imports
-    # compose/fusion_spec.py, which imports this package (a module-level import would close that cycle).
-    from .. import methods
-    from ..methods.lora import peft as peft_lora
-
-    if peft.is_peft(adapterhub.read_checkpoint_json(directory, path)):
-        return peft_lora, peft.read_config(directory, path)
-    values = adapterhub.read_config(directory, path)
-    module = methods.method_for_config(values, path)
-    return module, module.Config.from_dict(values, path)
-
-
-def load_into(gm: fx.GraphModule, placements: list, directory: Path, path: str, base_prefix: str,
-              model_hidden: int | None) -> int:
-    """Copy the checkpoint's tensors into `placements`' modules; returns the number of tensors loaded."""
-    if peft.is_peft(adapterhub.read_checkpoint_json(directory, path)):
-        return peft.load_into(gm, placements, directory, path, base_prefix)
-    return adapterhub.load_into(gm, placements, directory, path, base_prefix, model_hidden)
+This package's `__init__` imports nothing: the method registry reaches adapterhub.py through AdapterFusion
+(compose/fusion_spec.py), while loading.py needs the registry, so loading.py sits above the methods and the
+format modules below them."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoints
 from ..checkpoints import adapterhub
 from ..checkpoints.bounds import allocation_bound
+from ..checkpoints.loading import load_into
 from ..errors import UserError
 from ..names import check_name
 from ..spec import resolve_adapter
@@ -55,8 +55,6 @@ class AdapterIOMixin:
         with allocation_bound([directory], path):  # the config's sizes cannot allocate beyond the tensors
             gm, placements = self._add(adapter)
         try:
-            # checkpoints.load_into detects AdapterHub or PEFT; older trees only have the AdapterHub loader.
-            load_into = getattr(checkpoints, "load_into", adapterhub.load_into)
             load_into(gm, placements, adapter.load, path, self._prefix, self._hidden)
             if gm.meta.get("fxadapt", {}).get("overridden"):
                 raise UserError(f"{path}: the checkpoint also replaces base-model weights (PEFT bias or "
