@@ -8,6 +8,7 @@ emitter uses too), so PHM layers, gating, scaling and stochastic depth behave th
     single(a): hidden, up = a.run(t, r)                    # a's adapter; up feeds Fuse
     Stack:     pre(c); single(c) for each child c in turn
     Fuse:      q = query of pre_last; hidden = Fusion(q, [up_c]_c, r)
+               (folded, fusion_fold.py: hidden = FoldedFusion(q, [h_c]_c, r), h_c = act(down_c(t)))
     Split:     children on sequence slices, hidden = cat(dim=1)
     BatchSplit children on batch slices, cat(dim=0)
     Average:   hidden = mean_c(w_c · hidden_c)             # the reference's mean of weighted states
@@ -37,6 +38,7 @@ from ...sites import SiteMap
 from ..base import Placement, SiteModule, freeze
 from .emit import reference_module
 from .fusion import Fusion
+from .fusion_fold import FoldedFusion, down_activation
 from .module import Bottleneck
 
 PASS = "lower_composition"
@@ -82,6 +84,13 @@ class BottleneckSite(nn.Module):
         rows = h.shape[0] // len(self.branches)
         return torch.cat([self._site(b, h[i * rows:(i + 1) * rows], x[i * rows:(i + 1) * rows], layer_norm, tensors)
                           for i, b in enumerate(self.branches)], dim=0)
+
+    def with_fusions(self, replaced: dict[str, nn.Module]) -> BottleneckSite:
+        """A new site sharing this one's adapters with some fusions replaced (passes/fold_fusion.py); this
+        module, which an unoptimized graph may still call, stays as it was."""
+        site = BottleneckSite(self.branches, dict(self.adapters), {**self.adapter_fusion_layer, **replaced},
+                              self.norm)
+        return site.train(self.training)
 
     def _present(self, setup: Block | str) -> list[str]:
         names = setup.flatten() if isinstance(setup, Block) else [setup]
@@ -129,6 +138,9 @@ class BottleneckSite(nn.Module):
         hidden, query, residual = self.adapters[last].pre_forward(state.hidden, state.input_tensor, state.ln,
                                                                   fusion.config)
         state = state._replace(hidden=hidden, residual=residual)
+        if isinstance(fusion, FoldedFusion):  # folded: only the fused adapters' rank-sized activations are needed
+            downs = [down_activation(self.adapters[n], hidden, state.shared.get(n, {})) for n in fusion.adapters]
+            return state._replace(hidden=fusion(query, downs, residual), last=last)
         children = [s for s in (self._child(c, state) for c in block.children) if s is not None]
         if children:
             ups = torch.stack([s.up for s in children]).permute(1, 2, 0, 3)
