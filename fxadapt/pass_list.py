@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from .passes.cleanup import eliminate_dead_code
+from .passes.fold_fusion import fold_fusion
 from .passes.insert_adapters import insert_adapters
 from .passes.lower_composition import lower_composition
 from .passes.manager import PassResult, run_passes
@@ -76,6 +77,11 @@ REWRITE: list[Step] = [
 OPTIMIZE: list[Step] = [
     # First: it folds the LoRA-family modules the rewrite passes inserted, which later passes then see as dead.
     Step("merge_lora", lambda gm, ctx: merge_lora(gm), lambda ctx: ctx.enabled("merge_lora")),
+    # AdapterFusion folded into its adapters' up-projections. It recognises composed bottleneck sites by class and
+    # replaces them (same path), so it runs before any pass that rewrites or replaces those sites; it applies to
+    # specs with fusions (or when `options` asks for it: the Python API's Context has no spec).
+    Step("fold_fusion", lambda gm, ctx: fold_fusion(gm), lambda ctx: ctx.enabled("fold_fusion") and (
+        bool(ctx.spec.fusions) if ctx.spec is not None else "fold_fusion" in ctx.options)),
     # Last: it removes what the passes before it left unused (merged LoRA modules, a replaced add + LayerNorm).
     Step("eliminate_dead_code", lambda gm, ctx: eliminate_dead_code(gm)),
 ]
