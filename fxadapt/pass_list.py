@@ -3,7 +3,8 @@
 
     REWRITE    insert_adapters -> lower_composition                 define the reference outputs
     -- the eager reference outputs are taken here, before any optimization --
-    OPTIMIZE   merge_lora -> eliminate_dead_code                    keep the outputs within float rounding
+    OPTIMIZE   merge_lora -> fold_fusion -> fuse_parallel_branches -> eliminate_dead_code
+               keep the outputs within float rounding
 
 A pass that does not apply to a spec (insert_adapters under a composition setup, lower_composition
 without one, merge_lora switched off by `"optimize": {"merge_lora": false}`) is skipped: report.json's
@@ -22,6 +23,7 @@ from torch import fx
 
 from .passes.cleanup import eliminate_dead_code
 from .passes.fold_fusion import fold_fusion
+from .passes.fuse_parallel import fuse_parallel_branches
 from .passes.insert_adapters import insert_adapters
 from .passes.lower_composition import lower_composition
 from .passes.manager import PassResult, run_passes
@@ -82,6 +84,12 @@ OPTIMIZE: list[Step] = [
     # specs with fusions (or when `options` asks for it: the Python API's Context has no spec).
     Step("fold_fusion", lambda gm, ctx: fold_fusion(gm), lambda ctx: ctx.enabled("fold_fusion") and (
         bool(ctx.spec.fusions) if ctx.spec is not None else "fold_fusion" in ctx.options)),
+    # LoRA updates that read one tensor -> one GEMM for their A's (siblings q/k/v, gate/up; an Average of LoRAs at
+    # a site). Only with merge_lora off: merging leaves nothing to fuse and a merged weight is cheaper still, and
+    # what merge_lora refused must stay unmerged modules for merge_adapter's error (lifecycle/lowering.py).
+    # Independent of fold_fusion and route_rows: it leaves bottleneck and multi_task sites alone.
+    Step("fuse_parallel_branches", lambda gm, ctx: fuse_parallel_branches(gm),
+         lambda ctx: ctx.enabled("fuse_parallel_branches") and not ctx.enabled("merge_lora")),
     # Last: it removes what the passes before it left unused (merged LoRA modules, a replaced add + LayerNorm).
     Step("eliminate_dead_code", lambda gm, ctx: eliminate_dead_code(gm)),
 ]

@@ -52,8 +52,10 @@ def test_single_adapters_and_setups_run_their_own_rewrite_pass():
 def test_optimize_list_follows_the_spec_switches():
     assert pass_list.optimize_names(pass_list.Context(parse_spec(LORA))) == ["merge_lora", "eliminate_dead_code"]
     unmerged = parse_spec({**LORA, "optimize": {"merge_lora": False}})
-    assert pass_list.optimize_names(pass_list.Context(unmerged)) == ["eliminate_dead_code"]
-    assert pass_list.optimize_names(pass_list.Context(options={"merge_lora": False})) == ["eliminate_dead_code"]
+    assert pass_list.optimize_names(pass_list.Context(unmerged)) == ["fuse_parallel_branches",
+                                                                    "eliminate_dead_code"]
+    assert pass_list.optimize_names(pass_list.Context(options={"merge_lora": False})) == [
+        "fuse_parallel_branches", "eliminate_dead_code"]
 
 
 def test_debug_mode_names_the_first_optimization_pass_that_changes_outputs(tmp_path, monkeypatch):
