@@ -274,6 +274,8 @@ def report_json(result: Result, spec: Spec, tolerance: tuple[float, float]) -> d
         "sites": [{"adapter": p.adapter, "method": p.method, "site": p.role, "layer": p.layer,
                    "module": p.module_path, "reference_module": p.reference_module} for p in placements],
         "passes": result.pass_counts,
+        # fuse_parallel_branches' record: the groups fused, what it left and why, op and matmul counts before/after
+        "fused_branches": result.graph.meta.get("fxadapt", {}).get("fused"),
         "pinned": result.captured.info.get("pinned", {}),
         "tolerance": {"atol": tolerance[0], "rtol": tolerance[1], "rule": "max|a - r| <= atol + rtol * max|r|"},
         "artifacts": artifacts,
