@@ -34,12 +34,14 @@ def _progress(start: float):
 
 
 def _formats(value: str) -> tuple[str, ...]:
-    from .pipeline import FORMATS
+    from .pipeline import FORMATS, OPT_IN_FORMATS
 
     chosen = FORMATS if value == "all" else tuple(v.strip() for v in value.split(","))
-    bad = [f for f in chosen if f not in FORMATS]
+    known = FORMATS + OPT_IN_FORMATS
+    bad = [f for f in chosen if f not in known]
     if bad:
-        raise UserError(f"--format: unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)} or all.")
+        raise UserError(f"--format: unknown format(s) {', '.join(bad)}; choose from {', '.join(known)} or all "
+                        f"({', '.join(FORMATS)}).")
     return chosen
 
 
@@ -52,14 +54,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     formats = _formats(args.format)
     _say(f"fxadapt compile {args.model} --spec {args.spec} -> {args.output}")
     result = compile_model(args.model, spec, Path(args.output), formats, args.task, args.atol, _progress(start),
-                           rtol=args.rtol, debug=True if args.debug else None)
+                           rtol=args.rtol, debug=True if args.debug else None, ort_optimize=args.ort_optimize,
+                           quantize=args.quantize)
     report = report_json(result, spec, (args.atol, args.rtol))
     print()
     for check in result.checks:
         for error in check.errors:
             mark = "ok" if error.ok else "FAIL"
+            judged = (f"cosine {error.cosine:.5f} (min {error.min_cosine:g})" if hasattr(error, "cosine")
+                      else f"(atol {args.atol:g}, rtol {args.rtol:g})")  # a quantized artifact: by cosine
             print(f"  [{mark:>4}] {check.artifact:<12} {check.shape:<6} {error.name:<22} max abs {error.max_abs:.1e}"
-                  f"  rel {error.max_rel:.1e}  (atol {args.atol:g}, rtol {args.rtol:g})")
+                  f"  rel {error.max_rel:.1e}  {judged}")
     placements = report["sites"]
     adapters = ", ".join(f"{n} ({a['method']})" for n, a in report["spec"]["adapters"].items()
                          if n in spec.active)
@@ -138,7 +143,15 @@ def parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--spec", required=True, help="composition spec (JSON)")
     p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--format", default="all", help="onnx, torchscript, pt2, a comma list, or all (default)")
+    p.add_argument("--format", default="all",
+                   help="onnx, torchscript, pt2, aoti (AOTInductor; slow to compile), a comma list, or all "
+                        "(default: onnx, torchscript, pt2)")
+    p.add_argument("--ort-optimize", action="store_true",
+                   help="also write model.opt.onnx: ONNX Runtime's transformer optimizer (fused attention, "
+                        "LayerNorm, GELU), verified like model.onnx (docs/deploy.md)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="also write model.int8.onnx: dynamic int8 quantization (of model.opt.onnx with "
+                        "--ort-optimize), judged by cosine similarity >= 0.99 per output")
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance per element (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-4,
                    help="relative tolerance: ok where max|a - r| <= atol + rtol * max|r| (default 1e-4)")

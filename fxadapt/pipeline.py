@@ -36,6 +36,7 @@ from .capture import Captured, capture, export_program, flatten_outputs
 from .checkpoints.bounds import allocation_bound
 from .compose.task_inputs import with_task_ids
 from .composition import check_sizes, multi_task_children, pinned_dims, setup_dynamic_shapes
+from .errors import UserError
 from .export.reproducible import save_program
 from .export.verify import OutputError, compare
 from .publish import Publication
@@ -43,6 +44,7 @@ from .sites import SiteMap, find_sites
 from .spec import Spec
 
 FORMATS = ("onnx", "torchscript", "pt2")
+OPT_IN_FORMATS = ("aoti",)  # not in "all": an AOTInductor compile takes minutes
 INIT_SEED = 0  # the RNG seed new adapters are initialised with in a compile
 Progress = Callable[[str], None]
 
@@ -179,10 +181,14 @@ def optimize(result: Result, spec: Spec, progress: Progress = lambda _: None,
 
 def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, formats: tuple[str, ...] = ("onnx",),
                   task: str | None = None, atol: float = 1e-4, progress: Progress = lambda _: None,
-                  rtol: float = 1e-4, built: Result | None = None, debug: bool | None = None) -> Result:
+                  rtol: float = 1e-4, built: Result | None = None, debug: bool | None = None,
+                  ort_optimize: bool = False, quantize: str | None = None) -> Result:
     """The whole pipeline; writes OUT/model.onnx (etc.) and OUT/report.json. `built` is an already captured
     and rewritten graph (AdaptedModel.compile); `model` is then only its description. `debug` (default:
-    FXADAPT_DEBUG=1) checks the graph after every pass and names the first pass that changes the outputs."""
+    FXADAPT_DEBUG=1) checks the graph after every pass and names the first pass that changes the outputs.
+    `ort_optimize` / `quantize="int8"` also write OUT/model.opt.onnx / OUT/model.int8.onnx (docs/deploy.md)."""
+    if (ort_optimize or quantize) and "onnx" not in formats:
+        raise UserError("--ort-optimize and --quantize work on the ONNX export; add onnx to --format.")
     with (publication := Publication(Path(out_dir))) as staging:
         result = built if built is not None else build(model, spec, task=task, progress=progress, debug=debug)
         shapes = verification_shapes(result.captured)
@@ -193,6 +199,8 @@ def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, forma
             pass_list.debug_enabled(debug)) else None
         optimize(result, spec, progress, check=check)
         _export_all(result, spec, formats, staging, shapes, references, tolerance, progress)
+        if ort_optimize or quantize:
+            _onnx_variants(result, staging, shapes, references, tolerance, progress, ort_optimize, quantize)
         _write_report(result, spec, staging, tolerance)
         publication.commit()
     return result
@@ -240,6 +248,51 @@ def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, refe
         loaded = torch.export.load(str(path)).module()
         with torch.no_grad():
             _check(result, "pt2", lambda inputs: flatten_outputs(loaded(**inputs)), shapes, references, tolerance)
+    if "aoti" in formats:
+        from .export.aoti import export_aoti, load_aoti  # as above: only the aoti format needs the compiler
+
+        path = staging / "model.aoti.pt2"
+        with stage("aoti", "compiling with AOTInductor (.aoti.pt2)"):
+            result.artifacts["aoti"] = {"path": path.name, **export_aoti(ep, path)}
+        compiled = load_aoti(path)
+        with torch.no_grad():
+            _check(result, "aoti", lambda inputs: flatten_outputs(compiled(**inputs)), shapes, references, tolerance)
+
+
+def _onnx_variants(result: Result, staging: Path, shapes, references, tolerance, progress, ort_optimize: bool,
+                   quantize: str | None) -> None:
+    """OUT/model.opt.onnx (ONNX Runtime's optimizer, verified like model.onnx) and OUT/model.int8.onnx (of the
+    optimized graph where both are asked for; judged by cosine similarity). Each must still hold every adapter
+    weight of model.onnx by name: a failed check names the ones it lost."""
+    import onnx  # heavy, as in _export_all
+
+    from .export.onnx import run_onnx
+    from .export.ort_optimize import adapter_weights, missing_adapter_weights, optimize_onnx
+    from .export.quantize import MIN_COSINE, quantize_onnx, quantized_errors
+
+    stage = _Timer(result.timings, progress)
+    source = staging / "model.onnx"
+    expected = adapter_weights(onnx.load(str(source), load_external_data=False))
+    steps = [("onnx_opt", "model.opt.onnx")] if ort_optimize else []
+    steps += [("onnx_int8", "model.int8.onnx")] if quantize else []
+    for artifact, name in steps:
+        path = staging / name
+        with stage(artifact, f"writing {name}"):
+            info = optimize_onnx(source, path, result.captured.config) if artifact == "onnx_opt" else (
+                {"source": source.name, "min_cosine": MIN_COSINE, **quantize_onnx(source, path)})
+        missing = missing_adapter_weights(expected, onnx.load(str(path), load_external_data=False))
+        result.artifacts[artifact] = {"path": name, **info, "adapter_weights": len(expected) - len(missing)}
+        if missing:
+            lost = [OutputError(f"adapter weight {n}", math.inf, math.inf, False) for n in missing]
+            result.checks.append(Check(artifact, "adapter weights", lost))
+        if artifact == "onnx_opt":
+            _check(result, artifact, lambda inputs, p=path: run_onnx(p, inputs), shapes, references, tolerance)
+            source = path
+        else:
+            names = result.captured.output_names
+            for shape, inputs in shapes:
+                result.checks.append(Check(artifact, shape, quantized_errors(names, references[shape],
+                                                                             run_onnx(path, inputs))))
 
 
 class _quiet_onnx:
