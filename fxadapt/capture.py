@@ -298,8 +298,10 @@ def _refined_dims(message: str, shapes: dict[str, dict[int, Any]]) -> dict[str, 
 
 
 def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor] | None = None,
-            task: str | None = None, batch: int = 2, seq: int = 8) -> Captured:
-    """Capture a model (a name to load, or a module) as a GraphModule with dynamic dims."""
+            task: str | None = None, batch: int = 2, seq: int = 8,
+            dynamic_shapes: dict[str, dict[int, Any]] | None = None) -> Captured:
+    """Capture a model (a name to load, or a module) as a GraphModule with dynamic dims; given example inputs
+    get a dynamic batch only, unless their `dynamic_shapes` are given too (MultiTask's, compose/task_inputs.py)."""
     source = model if isinstance(model, str) else type(model).__name__
     if isinstance(model, str):
         model = load_model(model, task)
@@ -318,7 +320,7 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
     else:
         names = list(example_inputs)
         batch_dim = Dim("batch", min=1, max=4096)
-        shapes = {n: {0: batch_dim} for n in names}
+        shapes = dynamic_shapes or {n: {0: batch_dim} for n in names}
     model.eval()
     with torch.no_grad():
         eager = model(**example_inputs)

@@ -3,7 +3,7 @@
 
     REWRITE    insert_adapters -> lower_composition                 define the reference outputs
     -- the eager reference outputs are taken here, before any optimization --
-    OPTIMIZE   merge_lora -> fold_fusion -> fuse_parallel_branches -> eliminate_dead_code
+    OPTIMIZE   merge_lora -> fold_fusion -> fuse_parallel_branches -> route_rows -> eliminate_dead_code
                keep the outputs within float rounding
 
 A pass that does not apply to a spec (insert_adapters under a composition setup, lower_composition
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from .composition import multi_task_children
 from .passes.cleanup import eliminate_dead_code
 from .passes.fold_fusion import fold_fusion
 from .passes.fuse_parallel import fuse_parallel_branches
@@ -28,6 +29,7 @@ from .passes.insert_adapters import insert_adapters
 from .passes.lower_composition import lower_composition
 from .passes.manager import PassResult, run_passes
 from .passes.merge_lora import merge_lora
+from .passes.route_rows import route_rows
 from .sites import SiteMap
 from .spec import Spec
 
@@ -90,6 +92,13 @@ OPTIMIZE: list[Step] = [
     # Independent of fold_fusion and route_rows: it leaves bottleneck and multi_task sites alone.
     Step("fuse_parallel_branches", lambda gm, ctx: fuse_parallel_branches(gm),
          lambda ctx: ctx.enabled("fuse_parallel_branches") and not ctx.enabled("merge_lora")),
+    # multi_task sites of single adapters -> stacked weights gathered per row. merge_lora leaves composed sites
+    # alone (they are no FamilyModule), so the two never touch the same node; after fold_fusion, which must see
+    # composed bottleneck sites as lowered; before eliminate_dead_code, which drops the replaced sites and the
+    # shared get_attr nodes (VeRA, Compacter) only they read. Applies to setups with a multi_task block (or when
+    # `options` asks for it: the Python API's Context has no spec).
+    Step("route_rows", lambda gm, ctx: route_rows(gm), lambda ctx: ctx.enabled("route_rows") and (
+        multi_task_children(ctx.spec.setup) > 0 if ctx.spec is not None else "route_rows" in ctx.options)),
     # Last: it removes what the passes before it left unused (merged LoRA modules, a replaced add + LayerNorm).
     Step("eliminate_dead_code", lambda gm, ctx: eliminate_dead_code(gm)),
 ]

@@ -121,11 +121,13 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
     stage = _Timer(timings, progress)
     pins = pinned_dims(spec.setup)
     tasks = multi_task_children(spec.setup)
-    if tasks:  # MultiTask routes rows by a task_ids input: capture the model with it
-        model, example_inputs = with_task_ids(model, example_inputs, task, tasks)
-        pins.setdefault("seq", next(iter(example_inputs.values())).shape[1])  # captured from given inputs
+    task_shapes = None
+    if tasks:  # MultiTask routes rows by a task_ids input: capture the model with it, batch and sequence dynamic
+        model, example_inputs, task_shapes = with_task_ids(model, example_inputs, task, tasks)
+        if 1 not in task_shapes["input_ids"]:
+            pins.setdefault("seq", example_inputs["input_ids"].shape[1])  # a length-1 example stays static
     with stage("capture", "capturing the model with torch.export"):
-        captured = capture(model, example_inputs, task=task, **pins)
+        captured = capture(model, example_inputs, task=task, dynamic_shapes=task_shapes, **pins)
     if spec.setup is not None:
         first = next(iter(captured.example_inputs.values()))
         check_sizes(spec.setup, first.shape[0], first.shape[1] if first.dim() > 1 else None)

@@ -33,7 +33,6 @@ def test_stack_is_parsed_and_flattened():
     ({"split": ["a", "b"], "splits": [3]}, "$.active.splits"),
     ({"fuse": ["a", "b"]}, "has no fusion definition"),
     ({"split": ["a", "l"], "splits": [3, 4]}, "a split block cannot hold adapter 'l' (lora"),
-    ({"multi_task": ["a", "l"]}, "a multi_task block cannot hold adapter 'a' (bottleneck"),
     ({"stack": [{"parallel": ["a", "b"]}, {"parallel": ["a", "l", "b"]}]}, "need equal numbers of children"),
 ])
 def test_bad_setups_name_the_block_and_rule(active, message):

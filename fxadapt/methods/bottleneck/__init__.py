@@ -7,6 +7,7 @@
     invertible.py       the invertible block after the embeddings (inv_adapter)
     emit.py             reference_module, site_modules, emit (the single-adapter rewrite), composition_refusal
     site.py             BottleneckSite + lower_residual: one residual site under a composition setup
+    route.py            RoutedBottleneck: a multi_task BottleneckSite with the children's weights stacked (ROUTERS)
     invertible_site.py  lower_invertible: the setup's invertible block
     fusion.py           Fusion: AdapterFusion's module (its config and loading: compose/fusion_spec.py)
 
@@ -19,7 +20,8 @@ from .config import ALIASES, BLOCKS, INITS, NAME, PRESETS, Config
 from .emit import composition_refusal, emit, reference_module, site_modules
 from .invertible_site import lower_invertible
 from .module import Bottleneck
-from .site import lower_residual
+from .route import route_residual
+from .site import BottleneckSite, lower_residual
 
 
 def describe_sites(config: Config) -> str:
@@ -30,8 +32,10 @@ def describe_sites(config: Config) -> str:
 
 # Composed sites of this family's kinds (SiteModule.kind) -> (stage, lowerer); see Method.LOWERERS.
 LOWERERS = {"invertible": (0, lower_invertible), "residual": (1, lower_residual)}
+# Composed-site class -> its router for passes/route_rows.py (per-row gathered weights); see Method.ROUTERS.
+ROUTERS = {BottleneckSite: route_residual}
 # Adapters of this method may be fused (a Fuse block, compose/fusion_spec.py).
 FUSABLE = True
 
-__all__ = ["ALIASES", "BLOCKS", "INITS", "LOWERERS", "NAME", "PRESETS", "Bottleneck", "Config", "FUSABLE",
+__all__ = ["ALIASES", "BLOCKS", "INITS", "LOWERERS", "NAME", "PRESETS", "ROUTERS", "Bottleneck", "Config", "FUSABLE",
            "composition_refusal", "describe_sites", "emit", "reference_module", "site_modules"]

@@ -30,7 +30,8 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ...compose.fusion_spec import FUSION_METHOD
-from ...composition import Block
+from ...compose.task_inputs import check_task_ids, task_ids_node
+from ...composition import Block, multi_task_children
 from ...errors import UserError
 from ...graph_edit import Emitter, add_module
 from ...graph_ops import aten
@@ -61,9 +62,10 @@ class BottleneckSite(nn.Module):
     hold the modules under the reference's names."""
 
     def __init__(self, branches: list[Block | str], adapters: dict[str, Bottleneck], fusions: dict[str, Fusion],
-                 norm: tuple[list[int], float] | None) -> None:
+                 norm: tuple[list[int], float] | None, multi_task: bool = False) -> None:
         super().__init__()
         self.branches = branches
+        self.multi_task = multi_task  # the last input is then task_ids (a top-level multi_task block)
         self.adapters = nn.ModuleDict(adapters)
         self.adapter_fusion_layer = nn.ModuleDict(fusions)
         self.norm = norm
@@ -75,28 +77,33 @@ class BottleneckSite(nn.Module):
         def ln(t: torch.Tensor) -> torch.Tensor:
             return F.layer_norm(t, self.norm[0], ln_weight, ln_bias, self.norm[1])
 
+        task_ids = shared[-1] if self.multi_task else None
+        shared = shared[:-1] if self.multi_task else shared
         tensors: dict[str, Tensors] = {}
         for (adapter, name), tensor in zip(self.shared_layout, shared, strict=True):
             tensors.setdefault(adapter, {})[name] = tensor
         layer_norm = ln if self.norm is not None else None
         if len(self.branches) == 1:
-            return self._site(self.branches[0], h, x, layer_norm, tensors)
+            return self._site(self.branches[0], h, x, layer_norm, tensors, task_ids)
         rows = h.shape[0] // len(self.branches)
-        return torch.cat([self._site(b, h[i * rows:(i + 1) * rows], x[i * rows:(i + 1) * rows], layer_norm, tensors)
+        return torch.cat([self._site(b, h[i * rows:(i + 1) * rows], x[i * rows:(i + 1) * rows], layer_norm, tensors,
+                                     task_ids[i * rows:(i + 1) * rows] if task_ids is not None else None)
                           for i, b in enumerate(self.branches)], dim=0)
 
     def with_fusions(self, replaced: dict[str, nn.Module]) -> BottleneckSite:
         """A new site sharing this one's adapters with some fusions replaced (passes/fold_fusion.py); this
         module, which an unoptimized graph may still call, stays as it was."""
         site = BottleneckSite(self.branches, dict(self.adapters), {**self.adapter_fusion_layer, **replaced},
-                              self.norm)
+                              self.norm, self.multi_task)
         return site.train(self.training)
 
     def _present(self, setup: Block | str) -> list[str]:
         names = setup.flatten() if isinstance(setup, Block) else [setup]
         return [n for n in names if n in self.adapters]
 
-    def _site(self, setup, h, x, ln, shared):
+    def _site(self, setup, h, x, ln, shared, task_ids=None):
+        if isinstance(setup, Block) and setup.kind == "multi_task":
+            return self._multi_task_rows(setup, h, x, ln, shared, task_ids)
         if not self._present(setup):
             return ln(h + x) if ln is not None else h + x
         state = State(h, x, x, ln=ln, shared=shared)
@@ -104,6 +111,17 @@ class BottleneckSite(nn.Module):
         if state.last is None:
             return ln(h + x) if ln is not None else h + x
         return self.adapters[state.last].post_forward(state.hidden, h, state.input_tensor, ln)
+
+    def _multi_task_rows(self, block: Block, h, x, ln, shared, task_ids):
+        """Row r: this site with child task_ids[r] alone (each child runs on all rows, row r keeps its own: no
+        data-dependent shapes); rows of id -1 or of a child absent here get the model's own output."""
+        check_task_ids(task_ids, len(block.children), block.path or "multi_task")
+        out = ln(h + x) if ln is not None else h + x
+        for i, child in enumerate(block.children):
+            if self._present(child):
+                mask = (task_ids == i).view(-1, *[1] * (h.dim() - 1))
+                out = torch.where(mask, self._site(child, h, x, ln, shared), out)
+        return out
 
     def _pre_block(self, setup, state: State) -> State:
         # The reference uses the block's first adapter; fxadapt the first one present at this site.
@@ -195,15 +213,17 @@ def lower_residual(gm: fx.GraphModule, spec, sites: SiteMap, paths: list, index:
     if norm is not None and norm.target != aten.layer_norm.default:
         raise UserError(f"composition at {site.role} of layer {site.layer}: the site's norm is "
                         f"{norm.target}, fxadapt composes bottleneck adapters only around layer_norm.")
+    task_ids = _multi_task_input(gm, spec, paths, modules)
     module = BottleneckSite(paths, {n: m.module for n, m in modules.items()}, fusions,
                             (list(norm.args[1]), float(norm.args[4]) if len(norm.args) > 4 else 1e-5)
-                            if norm is not None else None)
+                            if norm is not None else None, task_ids is not None)
     path = add_module(gm, "composition", f"L{site.layer}_{site.role}", freeze(module))
     emit = Emitter(gm, site.output, {"adapter": ",".join(modules), "method": "composition", "pass": PASS,
                                      "site": site.role, "layer": site.layer})
     ln_args = (norm.args[2], norm.args[3]) if norm is not None else (None, None)
     uses = [a for n, m in modules.items() if m.module.shared_names for a in shared[n]]  # Compacter's PHM tensors
-    out = emit.call_module(path, (site.hidden, site.residual, *ln_args, *uses))
+    out = emit.call_module(path, (site.hidden, site.residual, *ln_args, *uses,
+                                  *([task_ids] if task_ids is not None else [])))
     emit.reroute(site.output, out)
     ref = reference_module(site)
     placements = [Placement(n, spec.adapters[n].method.NAME, site.role, site.layer, f"{path}.adapters.{n}",
@@ -211,3 +231,20 @@ def lower_residual(gm: fx.GraphModule, spec, sites: SiteMap, paths: list, index:
     placements += [Placement(f, FUSION_METHOD, site.role, site.layer, f"{path}.adapter_fusion_layer.{f}",
                              ref.rpartition(".")[0] + ".adapter_fusion_layer", 0) for f in fusions]
     return len(emit.created), placements
+
+
+def _multi_task_input(gm: fx.GraphModule, spec, paths: list, modules: dict[str, SiteModule]) -> fx.Node | None:
+    """The task_ids node when the setup routes rows (a multi_task block at its top, or as a Parallel child);
+    a multi_task block deeper in the setup, or an invertible adapter in it, cannot be lowered here."""
+    if not multi_task_children(spec.setup):
+        return None
+    for path in paths:
+        if isinstance(path, Block) and path.kind != "multi_task" and multi_task_children(path):
+            raise UserError(f"{spec.setup.path}: bottleneck adapters route rows only in a multi_task block at the "
+                            "top of the setup (or a Parallel child); put the multi_task block outermost.")
+    inverted = [n for n in modules if getattr(spec.adapters[n].config, "inv_adapter", None)]
+    if inverted:
+        raise UserError(f"{spec.adapters[inverted[0]].path}: an invertible adapter runs once after the embeddings "
+                        "for every row, so it cannot be routed per row in a multi_task block; use its config "
+                        "without inv_adapter.")
+    return task_ids_node(gm)

@@ -7,6 +7,7 @@ plus MTL-LoRA (mtl.py, method "mtl_lora") and PEFT LoRA/DoRA checkpoints (peft.p
     emit.py     targets, build (picks the variant), emit, site_modules, composition_refusal
     site.py     LoRASite: one projection under a composition block of family modules
     lower.py    lower_linear: a composed projection calls its LoRASite (LOWERERS)
+    route.py    RoutedLinear: a multi_task LoRASite with the children's weights stacked (ROUTERS)
     peft.py, mtl.py   the two other methods of the family
 
 This package is the "lora" method (fxadapt.methods.base.Method): the names below are its contract.
@@ -20,9 +21,13 @@ from .emit import build, composition_refusal, emit, site_modules, targets
 from .family import FamilyModule, apply_at, gate_mean, projection_io, weight_and_bias
 from .lower import lower_linear
 from .module import LoRA
+from .route import route_linear
+from .site import LoRASite
 
 # Composed sites of this family's kind (SiteModule.kind) -> (stage, lowerer); see Method.LOWERERS.
 LOWERERS = {"linear": (1, lower_linear)}
+# Composed-site class -> its router for passes/route_rows.py (per-row gathered weights); see Method.ROUTERS.
+ROUTERS = {LoRASite: route_linear}
 
 # The variants PEFT's LoraConfig can express (saving writes its layout beside AdapterHub's for them).
 PEFT_LAYOUT_VARIANTS = ("lora",)
@@ -38,6 +43,6 @@ def describe_sites(config: Config) -> str:
     return "attention projections " + "/".join(config.attn_matrices) + " or FFN projections"
 
 
-__all__ = ["ALIASES", "BLOCKS", "INIT_WEIGHTS", "LOWERERS", "NAME", "PRESETS", "Config", "FamilyModule", "LoRA",
-           "apply_at", "build", "composition_refusal", "describe_sites", "emit", "gate_mean", "peft_layout",
+__all__ = ["ALIASES", "BLOCKS", "INIT_WEIGHTS", "LOWERERS", "NAME", "PRESETS", "ROUTERS", "Config", "FamilyModule",
+           "LoRA", "apply_at", "build", "composition_refusal", "describe_sites", "emit", "gate_mean", "peft_layout",
            "projection_io", "shared_attrs", "site_modules", "targets", "weight_and_bias"]
