@@ -331,6 +331,8 @@ def report_json(result: Result, spec: Spec, tolerance: tuple[float, float]) -> d
         "passes": result.pass_counts,
         # fuse_parallel_branches' record: the groups fused, what it left and why, op and matmul counts before/after
         "fused_branches": result.graph.meta.get("fxadapt", {}).get("fused"),
+        # fold_fusion's refusals: the AdapterFusion modules it left unfolded, each with the reason
+        "not_folded": result.graph.meta.get("fxadapt", {}).get("not_folded", []),
         "pinned": result.captured.info.get("pinned", {}),
         "tolerance": {"atol": tolerance[0], "rtol": tolerance[1], "rule": "max|a - r| <= atol + rtol * max|r|"},
         "artifacts": artifacts,
