@@ -61,8 +61,10 @@ def quantize_onnx(source: Path, target: Path) -> dict[str, Any]:
 
 
 def quantized_errors(names: list[str], reference: list[torch.Tensor], actual: list[Any],
-                     min_cosine: float = MIN_COSINE) -> list[QuantizedError]:
-    """Per output: max abs / relative error and cosine similarity to the fp32 reference; ok by cosine."""
+                     min_cosine: float | None = None) -> list[QuantizedError]:
+    """Per output: max abs / relative error and cosine similarity to the fp32 reference; ok by cosine
+    (at least `min_cosine`, default MIN_COSINE)."""
+    min_cosine = MIN_COSINE if min_cosine is None else min_cosine
     errors = []
     for name, ref, got in zip(names, reference, actual, strict=True):
         r = ref.detach().to(torch.float64).numpy().ravel()
