@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import fx
 
+from conftest import REFERENCE
 from fxadapt import meta, pass_list
 from fxadapt.capture import export_program, flatten_outputs
 from fxadapt.export.onnx import export_onnx, run_onnx
 from fxadapt.graph_ops import aten
-from fxadapt.lifecycle.base_graph import fresh_copy
+from fxadapt.lifecycle.base_graph import capture_base, fresh_copy
 from fxadapt.methods.lora import FamilyModule, peft
 from fxadapt.methods.lora.site import LoRASite
 from fxadapt.passes.fuse_parallel import PASS, fuse_parallel_branches
@@ -206,3 +207,17 @@ def test_parallel_row_blocks_are_left_alone(captured):
     spec = _spec({"a": "lora[r=4]", "b": "lora[r=8]"}, {"parallel": ["a", "b"]})
     left = _left_alone(captured[0], spec)
     assert len(left) == 4 and all(r.startswith("Parallel") for r in left.values())
+
+
+@pytest.mark.slow
+def test_gate_and_up_of_a_gated_ffn_share_one_gemm():
+    """Llama: PEFT LoRA on every projection fuses q/k/v and gate/up per layer; down_proj (its own input) is left."""
+    captured, _ = capture_base(str(REFERENCE / "models" / "llama"))
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    gm = _rewritten(captured, _peft(target_modules=targets, r=4, lora_alpha=6, rank_pattern={"up_proj": 2}))
+    error, effect, record = _equivalent(captured, gm)
+    assert effect > 1e-3 and error <= 1e-5
+    sites = [[b["site"] for b in g["branches"]] for g in record["groups"]]
+    assert sites == [["attn.q", "attn.k", "attn.v"], ["ffn.gate", "ffn.up"]] * 2
+    assert sorted(e["module"].rpartition(".")[2] for e in record["left"]) == ["layers_0_mlp_down_proj",
+                                                                              "layers_1_mlp_down_proj"]
