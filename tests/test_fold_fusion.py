@@ -34,7 +34,8 @@ SLOW_CASES = {"bert__fuse_compacter_inv", "bert__stack_fuse", "llama__fuse", "ll
 
 def _spec(adapters: dict, fuse: list, **fusion):
     return parse_spec({"adapters": adapters, "active": {"fuse": fuse},
-                       "fusions": [{"adapters": [a for a in fuse if isinstance(a, str)][-2:], **fusion}]})
+                       "fusions": [{"adapters": [a if isinstance(a, str) else a["stack"][-1] for a in fuse],
+                                    **fusion}]})
 
 
 def _build(spec):
@@ -142,6 +143,20 @@ def test_refusals_are_recorded_and_leave_the_fusion(fused):
         assert gm.get_submodule(node.target) is site and isinstance(site.adapter_fusion_layer["a,b"], Fusion)
         (refusal,) = gm.meta["fxadapt"]["not_folded"]
         assert refusal["module"] == f"{node.target}.adapter_fusion_layer.a,b" and reason in refusal["reason"]
+        report = pipeline.report_json(result, _spec({"a": "seq_bn", "b": "seq_bn"}, ["a", "b"]), (1e-5, 1e-5))
+        assert report["not_folded"] == [refusal]
+
+
+def test_fuse_over_a_stack_is_left_unfolded():
+    """Fuse(Stack(a, c), b): the stack's up-projection reads the state a left, not one adapter's activation."""
+    result = _build(_spec({"a": "seq_bn", "b": "seq_bn", "c": "seq_bn"}, [{"stack": ["a", "c"]}, "b"]))
+    gm, inputs = result.graph, result.captured.example_inputs
+    before = _run(gm, inputs)
+    assert fold_fusion(gm).count == 0
+    reasons = gm.meta["fxadapt"]["not_folded"]
+    assert len(reasons) == 2 and all("stack block" in r["reason"] and r["fusion"] == "c,b" for r in reasons)
+    assert all(isinstance(gm.get_submodule(n.target).adapter_fusion_layer["c,b"], Fusion) for n in _sites(gm))
+    assert _max_error(before, _run(gm, inputs)) == 0.0
 
 
 def _matmuls(path, hidden: int) -> tuple[int, int]:
