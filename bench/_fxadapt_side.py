@@ -78,10 +78,15 @@ def _last_paragraph(text: str, limit: int = 300) -> str:
     return last if len(last) <= limit else last[:limit] + " ..."
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    """Default SessionOptions (fp32, all graph optimizations), with intra-op threads = torch's threads."""
+def session(path: Path, threads: int, spin: bool = True) -> ort.InferenceSession:
+    """Default SessionOptions (fp32, all graph optimizations), with intra-op threads = torch's threads.
+
+    Without `spin`, ORT's idle intra-op threads block at once instead of spinning a while after each run:
+    in an interleaved loop the spinning takes CPU from the eager call that follows."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -91,6 +91,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default="", help=f"comma list of variants ({', '.join(LABELS)}); default all")
     parser.add_argument("--no-parity-stop", action="store_true", help="time even if a pair differs by > 1e-5")
     parser.add_argument("--fxadapt", default="fxadapt", help="the main environment's fxadapt command")
+    parser.add_argument("--ort-no-spin", action="store_true",
+                        help="ORT session.intra_op.allow_spinning=0 (default SessionOptions spin after each run)")
     args = parser.parse_args()
     args.variants = [v for v in args.only.split(",") if v] or list(LABELS)
     unknown = [v for v in args.variants if v not in LABELS]
@@ -113,8 +115,8 @@ def route_ids(batch: int, count: int) -> list[int]:
 class Bench:
     """The models, sessions and per-shape inputs of one run, and a callable per timing key."""
 
-    def __init__(self, root: Path, threads: int, vocab: int) -> None:
-        self.root, self.threads, self.vocab = root, threads, vocab
+    def __init__(self, root: Path, threads: int, vocab: int, spin: bool) -> None:
+        self.root, self.threads, self.vocab, self.spin = root, threads, vocab, spin
         self.refs: dict[str, torch.nn.Module] = {}
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.calls: dict[tuple, Callable[[], dict[str, np.ndarray]]] = {}
@@ -124,7 +126,7 @@ class Bench:
             self.refs[variant] = load_reference(self.root, variant)
 
     def add_session(self, variant: str, onnx: Path) -> None:
-        self.sessions[variant] = session(onnx, self.threads)
+        self.sessions[variant] = session(onnx, self.threads, self.spin)
 
     def call(self, key: tuple) -> Callable[[], dict[str, np.ndarray]]:
         """The callable behind a timing key, made once per key (its inputs are built here, not timed)."""
@@ -229,13 +231,24 @@ def print_table(rows: list[Row], t: dict[tuple, float]) -> None:
     print()
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def print_machine(args: argparse.Namespace, size: str) -> None:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpus = f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), load {os.getloadavg()[0]:.2f}"
-    print(f"side_by_side {now}; {platform.machine()} {platform.processor() or platform.platform()}; {cpus}")
+    print(f"side_by_side {now}; {cpu_name()}, {platform.system()} {platform.release()}; {cpus}")
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, transformers {transformers.__version__}, "
           f"adapters {adapters.__version__}, peft {peft.__version__}; threads {args.threads} (torch and ORT "
-          f"intra-op); {size}; {args.reps} interleaved rounds, median; fp32")
+          f"intra-op{', ORT no spinning' if args.ort_no_spin else ''}); {size}; {args.reps} interleaved rounds, "
+          "median; fp32")
 
 
 def main() -> None:
@@ -245,7 +258,8 @@ def main() -> None:
     size = "BERT 2 x 128 (--small)" if args.small else "BERT-base 12 x 768 (random init)"
     print_machine(args, size)
     print(f"\nModels and adapters under {root}: " + ("built now" if build_all(root, args.small) else "cached"))
-    bench = Bench(root, args.threads, transformers.BertConfig.from_pretrained(str(root / "base")).vocab_size)
+    vocab = transformers.BertConfig.from_pretrained(str(root / "base")).vocab_size
+    bench = Bench(root, args.threads, vocab, spin=not args.ort_no_spin)
 
     fxadapt = shlex.split(args.fxadapt)
     base_onnx = compile_variant("base", root, fxadapt)
