@@ -37,6 +37,7 @@ from .checkpoints.bounds import allocation_bound
 from .compose.task_inputs import with_task_ids
 from .composition import check_sizes, multi_task_children, pinned_dims, setup_dynamic_shapes
 from .errors import UserError
+from .export import swappable as swap
 from .export.reproducible import save_program
 from .export.verify import OutputError, compare
 from .publish import Publication
@@ -72,6 +73,7 @@ class Result:
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     snapshots: list[dict[str, Any]] = field(default_factory=list)
+    swappable: swap.Plan | None = None  # --swappable: the adapter inputs and every adapter's values
 
     @property
     def ok(self) -> bool:
@@ -184,7 +186,7 @@ def optimize(result: Result, spec: Spec, progress: Progress = lambda _: None,
 def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, formats: tuple[str, ...] = ("onnx",),
                   task: str | None = None, atol: float = 1e-4, progress: Progress = lambda _: None,
                   rtol: float = 1e-4, built: Result | None = None, debug: bool | None = None,
-                  ort_optimize: bool = False, quantize: str | None = None) -> Result:
+                  ort_optimize: bool = False, quantize: str | None = None, swappable: bool = False) -> Result:
     """The whole pipeline; writes OUT/model.onnx (etc.) and OUT/report.json. `built` is an already captured
     and rewritten graph (AdaptedModel.compile); `model` is then only its description. `debug` (default:
     FXADAPT_DEBUG=1) checks the graph after every pass and names the first pass that changes the outputs.
@@ -192,15 +194,24 @@ def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, forma
     if (ort_optimize or quantize) and "onnx" not in formats:
         raise UserError("--ort-optimize and --quantize work on the ONNX export; add onnx to --format.")
     with (publication := Publication(Path(out_dir))) as staging:
-        result = built if built is not None else build(model, spec, task=task, progress=progress, debug=debug)
+        if swappable and "onnx" not in formats:
+            raise UserError("--swappable writes a swappable ONNX model: add onnx to --format.")
+        # --swappable: every adapter of the spec inserted, unmerged (export/swappable.py); `built` is never swappable
+        compiled = swap.swappable_spec(spec) if swappable and built is None else spec
+        result = built if built is not None else build(model, compiled, task=task, progress=progress, debug=debug)
         shapes = verification_shapes(result.captured)
+        if compiled is not spec:  # each adapter compiled alone: its values, and the outputs its adapter file must give
+            result.swappable, adapter_references = swap.prepare(
+                result.graph, result.captured, spec, lambda one: build(model, one, task=task).graph, shapes)
         with torch.no_grad():
             references = {name: flatten_outputs(result.graph(**inputs)) for name, inputs in shapes}
         tolerance = (atol, rtol)
         check = pass_checks.outputs_unchanged(shapes, references, result.captured.output_names, tolerance) if (
             pass_list.debug_enabled(debug)) else None
-        optimize(result, spec, progress, check=check)
+        optimize(result, compiled, progress, check=check)
         _export_all(result, spec, formats, staging, shapes, references, tolerance, progress)
+        if result.swappable is not None:
+            _adapter_files(result, staging, shapes, adapter_references, tolerance, progress)
         if ort_optimize or quantize:
             _onnx_variants(result, staging, shapes, references, tolerance, progress, ort_optimize, quantize)
         _write_report(result, spec, staging, tolerance)
@@ -228,7 +239,8 @@ def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, refe
     if "onnx" in formats:
         path = staging / "model.onnx"
         with stage("onnx", "exporting to ONNX"), _quiet_onnx():
-            info = export_onnx(ep, path, captured.output_names)
+            info = export_onnx(ep, path, captured.output_names) if result.swappable is None else (
+                swap.export_onnx(result.graph, captured, result.swappable, path))
         result.artifacts["onnx"] = {"path": "model.onnx", **info}
         with stage("onnx_verify", "verifying ONNX Runtime outputs"):
             _check(result, "onnx", lambda inputs: run_onnx(path, inputs), shapes, references, tolerance)
@@ -295,6 +307,21 @@ def _onnx_variants(result: Result, staging: Path, shapes, references, tolerance,
             for shape, inputs in shapes:
                 result.checks.append(Check(artifact, shape, quantized_errors(names, references[shape],
                                                                              run_onnx(path, inputs))))
+
+
+def _adapter_files(result: Result, staging: Path, shapes, adapter_references, tolerance, progress) -> None:
+    """OUT/adapters/: layout.json and one .onnx_adapter per adapter; one ONNX Runtime session with each file
+    must give the outputs of that adapter compiled alone (export/swappable.py)."""
+    plan = result.swappable
+    assert plan is not None
+    with _Timer(result.timings, progress)("adapter_files", "writing and verifying the adapter files"):
+        files = swap.write_files(plan, staging)
+        run = swap.onnx_runner(staging / "model.onnx")
+        for name, file in files.items():
+            _check(result, f"onnx+{name}", lambda inputs, f=staging / file: run(inputs, f), shapes,
+                   adapter_references[name], tolerance)
+    result.artifacts["adapters"] = {"path": "adapters", "layout": plan.layout.digest, "files": files,
+                                    "active": plan.layout.active}
 
 
 class _quiet_onnx:

@@ -1,0 +1,266 @@
+"""Swappable adapters: one ONNX model whose adapter tensors are graph inputs, and one adapter file per adapter.
+
+    y = f(x; W_base, θ_1, ..., θ_N)        every adapter of the spec inserted at its sites, merge_lora off
+    file_k:  θ_k = adapter k's weights,  θ_j = I_j for j != k     (I_j: values with which adapter j is the identity)
+
+Identity values: zeros (a LoRA / VeRA update B·A x = 0, a bottleneck's up-projection 0, so the adapter adds 0 to
+its residual stream, a ReFT intervention R = W = 0), 1/alpha for (IA)^3's scale vector l. Each adapter keeps its own
+size (no padding), so every file is exact. The graph inputs carry the spec's active adapter as defaults (an ONNX
+initializer named like a graph input is that input's default), so a plain session runs as the spec says;
+ONNX Runtime's `RunOptions.add_active_adapter` replaces them for one run. The compile checks every file: ONNX
+Runtime with file k must give the outputs of a compile of adapter k alone (an adapter whose zeros are not the
+identity, e.g. a LayerNorm after its residual add, fails there and the compile exits 3).
+
+Not swappable (refused with the reason): prefix and prompt tuning (no value of their keys/values is the
+identity: they lengthen the attention), DoRA (its identity magnitude is the projection's row norm), PEFT
+checkpoints that change base weights, composition blocks and fusions in the spec.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..capture import Captured, exportable_masks, flatten_outputs
+from ..errors import UserError
+from ..pass_list import OPTIMIZE
+from ..spec import AdapterDef, Spec
+from .adapter_files import ADAPTERS_DIR, SUFFIX, Layout, Tensor, write_adapter_file, write_layout
+from .prepare import for_export
+
+KEPT_PASSES = ("eliminate_dead_code",)  # the optimization passes a swappable model runs
+# method NAME -> why its adapters cannot be swapped by values alone
+REFUSED = {
+    "prefix_tuning": "no prefix is the identity (any prefix lengthens the attention)",
+    "prompt_tuning": "no prompt is the identity (a prompt lengthens the sequence)",
+}
+
+
+@dataclass
+class Plan:
+    """The adapter tensors of the swappable graph: their layout, every adapter's own values, identity values."""
+
+    layout: Layout
+    values: dict[str, torch.Tensor]
+    identity: dict[str, torch.Tensor]
+
+    def file_values(self, adapter: str) -> dict[str, np.ndarray]:
+        """What the file of `adapter` holds: its own tensors, the identity for every other adapter's."""
+        return {t.name: _numpy(self.values[t.name] if t.adapter == adapter else self.identity[t.name])
+                for t in self.layout.tensors}
+
+
+def swappable_spec(spec: Spec) -> Spec:
+    """The spec compiled for --swappable: all its adapters active (the active one first), merge_lora off."""
+    if spec.setup is not None or len(spec.active) != 1:
+        raise UserError("--swappable: \"active\" must name one adapter (the default of the model); composition "
+                        "blocks are not swappable yet. List the other adapters under \"adapters\".")
+    if spec.fusions:
+        raise UserError("--swappable: AdapterFusion is not swappable yet; remove \"fusions\" from the spec.")
+    for name, adapter in spec.adapters.items():
+        reason = refusal(adapter)
+        if reason:
+            raise UserError(f"{adapter.path}: adapter {name!r} ({adapter.method.NAME}) is not swappable: {reason}. "
+                            "Compile it without --swappable, or leave it out of the spec.")
+    names = [spec.active[0]] + [n for n in spec.adapters if n != spec.active[0]]
+    # No composition block: insert_adapters emits each adapter in turn at its own sites (a Stack would feed one
+    # LoRA's update into the next one's input). Optimization passes off but dead-code elimination: merge_lora
+    # would bake one adapter into the weights, and passes that fuse adapter modules (fuse_parallel_branches)
+    # rename the tensors the adapter files are keyed by.
+    optimize = {**spec.optimize, **{step.name: False for step in OPTIMIZE if step.name not in KEPT_PASSES}}
+    return Spec(dict(spec.adapters), names, optimize)
+
+
+def single_spec(spec: Spec, name: str) -> Spec:
+    """The spec of one adapter alone: what its adapter file must reproduce."""
+    return Spec({name: spec.adapters[name]}, [name], dict(spec.optimize))
+
+
+def refusal(adapter: AdapterDef) -> str | None:
+    """Why an adapter cannot be swapped, or None."""
+    if adapter.method.NAME in REFUSED:
+        return REFUSED[adapter.method.NAME]
+    if getattr(adapter.config, "composition_mode", "add") == "scale" and getattr(adapter.config, "use_gating", False):
+        return "a gated (IA)^3 scale g·l is 1 for no value of l (g depends on the input)"
+    if getattr(adapter.config, "use_dora", False):
+        return "DoRA's identity magnitude is the adapted projection's row norm (not done yet)"
+    return None
+
+
+def plan(gm: fx.GraphModule, spec: Spec, captured: Captured) -> Plan:
+    """Every adapter tensor of the compiled swappable graph, from its placements (in graph order)."""
+    meta = gm.meta.get("fxadapt", {})
+    if meta.get("overridden"):
+        raise UserError(f"--swappable: a PEFT checkpoint changes base weights ({meta['overridden'][0]}, its "
+                        "`bias` setting); the base model is shared by all adapters, so it is not swappable.")
+    tensors: list[Tensor] = []
+    values: dict[str, torch.Tensor] = {}
+    identity: dict[str, torch.Tensor] = {}
+    for placement in meta.get("placements", []):
+        module = gm.get_submodule(placement.module_path)
+        for key, tensor in module.state_dict().items():
+            name = f"{placement.module_path}.{key}"
+            if name in values:  # a module shared by several placements
+                continue
+            value = tensor.detach().clone()
+            values[name] = value
+            identity[name] = _identity(module, key, value)
+            tensors.append(Tensor(name, tuple(value.shape), str(_numpy(value).dtype), placement.adapter,
+                                  placement.reference_module, key))
+    adapters = {name: {"method": a.method.NAME, "format": "peft" if a.method.NAME == "peft_lora" else "adapterhub",
+                       "config": a.config.to_dict(), "file": f"{ADAPTERS_DIR}/{name}{SUFFIX}"}
+                for name, a in spec.adapters.items()}
+    layout = Layout(tensors, str(captured.info.get("class", "")), adapters, spec.active[0],
+                    str(captured.info.get("base_model_prefix", "")))
+    return Plan(layout, values, identity)
+
+
+def _identity(module: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
+    if getattr(module, "composition", None) == "scale" and key == "lora_B":
+        return torch.full_like(value, 1.0 / module.scaling)  # (IA)^3: y' = y ⊙ (alpha · l), identity l = 1/alpha
+    return torch.zeros_like(value)
+
+
+def load_values(gm: fx.GraphModule, values: dict[str, np.ndarray]) -> None:
+    """Copy `values` into the graph's adapter tensors (in place)."""
+    with torch.no_grad():
+        for name, value in values.items():
+            owner, _, leaf = name.rpartition(".")
+            getattr(gm.get_submodule(owner), leaf).copy_(torch.from_numpy(np.asarray(value)))
+
+
+class _Lifted(nn.Module):
+    """The graph with its adapter tensors as inputs: torch.export sees them as user inputs, not constants."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, inputs: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> Any:
+        return torch.func.functional_call(self.gm, tensors, args=(), kwargs=inputs, strict=False)
+
+
+def export_onnx(gm: fx.GraphModule, captured: Captured, plan: Plan, path: Path) -> dict[str, Any]:
+    """Write the swappable ONNX model: the model's inputs, then one input per adapter tensor, each with the
+    graph's current value (the active adapter) as its default. Tensors the exporter pruned as unused leave
+    the layout. Returns {"nodes", "adapter_inputs", "decomposed"}."""
+    import onnx  # heavy, and only the ONNX format needs it
+    from onnx import numpy_helper  # (part of onnx, same reason)
+
+    graph = for_export(gm)[0]
+    inputs = dict(captured.example_inputs)
+    tensors = {t.name: _current(gm, t.name) for t in plan.layout.tensors}
+    dims = ({k: captured.dynamic_shapes.get(k) for k in inputs}, {n: None for n in tensors})
+    try:
+        with exportable_masks():
+            ep = torch.export.export(_Lifted(graph), (inputs, tensors), dynamic_shapes=dims, strict=False)
+    except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--swappable: torch.export could not capture the graph with adapter inputs: {first}") \
+            from exc
+    names = list(inputs) + list(tensors)
+    decomposed = False
+    try:
+        program = _to_onnx(ep, names, captured.output_names)
+    except torch.onnx.errors.OnnxExporterError:
+        decomposed = True  # as export/onnx.py: the slower route, only where the direct one fails
+        program = _to_onnx(ep.run_decompositions(), names, captured.output_names)
+    model = program.model_proto
+    present = {i.name for i in model.graph.input}
+    plan.layout.tensors = [t for t in plan.layout.tensors if t.name in present]
+    for t in plan.layout.tensors:
+        model.graph.initializer.append(numpy_helper.from_array(_numpy(tensors[t.name]), t.name))
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        onnx.save(model, str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"nodes": len(model.graph.node), "adapter_inputs": len(plan.layout.tensors), "decomposed": decomposed,
+            "swappable": True}
+
+
+def _to_onnx(ep: torch.export.ExportedProgram, input_names: list[str], output_names: list[str]):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(ep, (), dynamo=True, input_names=input_names, output_names=output_names,
+                                 verbose=False, external_data=False)
+
+
+def write_files(plan: Plan, out: Path) -> dict[str, str]:
+    """OUT/adapters/layout.json and OUT/adapters/<name>.onnx_adapter for every adapter; {name: relative path}."""
+    write_layout(plan.layout, out)
+    files = {}
+    for name in plan.layout.adapters:
+        relative = f"{ADAPTERS_DIR}/{name}{SUFFIX}"
+        write_adapter_file(out / relative, plan.layout, plan.file_values(name))
+        files[name] = relative
+    return files
+
+
+def onnx_runner(model: Path) -> Callable[[dict[str, torch.Tensor], Path | None], list[np.ndarray]]:
+    """Runs `model` in one ONNX Runtime session, with an adapter file activated per run (None: the defaults)."""
+    import onnxruntime as ort  # heavy native runtime, loaded only to verify
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # adapter inputs with defaults make ORT warn that they are not constants
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    feed_names = {i.name for i in session.get_inputs()}
+
+    def run(inputs: dict[str, torch.Tensor], adapter_file: Path | None) -> list[np.ndarray]:
+        run_options = ort.RunOptions()
+        if adapter_file is not None:
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(adapter_file))
+            run_options.add_active_adapter(adapter)
+        return session.run(None, {k: v.numpy() for k, v in inputs.items() if k in feed_names}, run_options)
+
+    return run
+
+
+def _current(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(gm.get_submodule(owner), leaf).detach().clone()
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().cpu().numpy())
+
+
+def prepare(gm: fx.GraphModule, captured: Captured, spec: Spec, build_one: Callable[[Spec], fx.GraphModule],
+            shapes: list[tuple[str, dict[str, torch.Tensor]]]) -> tuple[Plan, dict[str, dict[str, list]]]:
+    """The plan of the compiled swappable graph `gm`, with every adapter's values taken from a compile of that
+    adapter alone (`build_one`: so a fresh adapter gets the initial values a plain compile gives it) and that
+    compile's outputs on `shapes` (what its adapter file must reproduce); `gm` is left holding the active
+    adapter's file values, the model's defaults. Returns (plan, {adapter: {shape: outputs}})."""
+    result = plan(gm, spec, captured)
+    references = {}
+    for name in spec.adapters:
+        single = build_one(single_spec(spec, name))
+        _adopt(result, name, single)
+        with torch.no_grad():
+            references[name] = {shape: flatten_outputs(single(**inputs)) for shape, inputs in shapes}
+    load_values(gm, result.file_values(spec.active[0]))
+    return result, references
+
+
+def _adopt(plan: Plan, name: str, single: fx.GraphModule) -> None:
+    """Take adapter `name`'s values from its own compile: tensors match by checkpoint location (module, key)."""
+    own = {}
+    for placement in single.meta.get("fxadapt", {}).get("placements", []):
+        for key, tensor in single.get_submodule(placement.module_path).state_dict().items():
+            own[(placement.reference_module, key)] = tensor.detach().clone()
+    for tensor in plan.layout.tensors:
+        if tensor.adapter == name:
+            value = own.get((tensor.module, tensor.key))
+            if value is None or tuple(value.shape) != tensor.shape:
+                raise RuntimeError(f"swappable: adapter {name!r} compiled alone has no {tensor.module}.{tensor.key} "
+                                   f"of shape {tensor.shape}")
+            plan.values[tensor.name] = value
