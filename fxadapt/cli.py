@@ -1,4 +1,4 @@
-"""`fxadapt` command line: compile, sites, inspect.
+"""`fxadapt` command line: compile, adapters export, sites, inspect.
 
 Exit codes (DESIGN.md): 0 ok, 2 user error (one-paragraph message, no traceback), 3 verification
 above tolerance (artifacts kept), 1 a bug in fxadapt. Heavy imports happen inside the commands so
@@ -55,7 +55,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     _say(f"fxadapt compile {args.model} --spec {args.spec} -> {args.output}")
     result = compile_model(args.model, spec, Path(args.output), formats, args.task, args.atol, _progress(start),
                            rtol=args.rtol, debug=True if args.debug else None, ort_optimize=args.ort_optimize,
-                           quantize=args.quantize)
+                           quantize=args.quantize, swappable=args.swappable)
     report = report_json(result, spec, (args.atol, args.rtol))
     print()
     for check in result.checks:
@@ -79,6 +79,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
         _say("verification failed: some outputs differ from the eager reference beyond --atol/--rtol "
              "(artifacts kept; see report.json).")
         return 3
+    return 0
+
+
+def cmd_adapters_export(args: argparse.Namespace) -> int:
+    from .export.swappable import export_adapter_file
+
+    model_dir = Path(args.model_dir) if args.model_dir else None
+    slot = export_adapter_file(Path(args.source), Path(args.output), model_dir, args.slot)
+    _say(f"wrote {args.output} (in the place of adapter {slot!r})")
     return 0
 
 
@@ -158,7 +167,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="check the graph after every pass and name the first optimization pass that changes the "
                         "outputs beyond atol/rtol (also FXADAPT_DEBUG=1)")
+    p.add_argument("--swappable", action="store_true",
+                   help="one model.onnx for all the spec's adapters: adapter weights are graph inputs (defaults: the "
+                        "active adapter), OUT/adapters/<name>.onnx_adapter per adapter (docs/deploy.md)")
     p.set_defaults(run=cmd_compile)
+
+    p = sub.add_parser("adapters", help="adapter files for swappable models")
+    actions = p.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("export", help="convert an AdapterHub or PEFT checkpoint into an .onnx_adapter file")
+    p.add_argument("source", help="checkpoint directory, or a spec whose active adapter loads one")
+    p.add_argument("-o", "--output", required=True, help="the .onnx_adapter file to write")
+    p.add_argument("--model-dir", help="the swappable model's OUT (default: the OUT whose adapters/ holds -o)")
+    p.add_argument("--slot", help="the compiled adapter whose place it takes (default: the first that fits)")
+    p.set_defaults(run=cmd_adapters_export)
 
     p = sub.add_parser("sites", help="print the adapter sites found in a model, per layer")
     model_args(p)

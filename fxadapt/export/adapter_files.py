@@ -41,10 +41,14 @@ class Tensor:
     adapter: str = ""
     module: str = ""
     key: str = ""
+    identity: float = 0.0  # the value every element takes in the files of other adapters
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "adapter": self.adapter,
-                "module": self.module, "key": self.key}
+                "module": self.module, "key": self.key, "identity": self.identity}
+
+    def identity_value(self) -> np.ndarray:
+        return np.full(self.shape, self.identity, dtype=self.dtype)
 
 
 @dataclass
@@ -84,7 +88,8 @@ class Layout:
                             "`fxadapt compile ... --swappable`.")
         try:
             tensors = [Tensor(t["name"], tuple(int(d) for d in t["shape"]), t["dtype"], t.get("adapter", ""),
-                              t.get("module", ""), t.get("key", "")) for t in data["tensors"]]
+                              t.get("module", ""), t.get("key", ""), float(t.get("identity", 0.0)))
+                       for t in data["tensors"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{where}: damaged layout file ({type(exc).__name__}: {exc}); compile the model "
                             "again.") from None

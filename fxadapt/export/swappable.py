@@ -29,10 +29,22 @@ import torch
 from torch import fx, nn
 
 from ..capture import Captured, exportable_masks, flatten_outputs
+from ..checkpoints import adapterhub
+from ..checkpoints import peft as peft_checkpoint
+from ..checkpoints.loading import read_config
 from ..errors import UserError
 from ..pass_list import OPTIMIZE
-from ..spec import AdapterDef, Spec
-from .adapter_files import ADAPTERS_DIR, SUFFIX, Layout, Tensor, write_adapter_file, write_layout
+from ..spec import AdapterDef, Spec, load_spec
+from .adapter_files import (
+    ADAPTERS_DIR,
+    LAYOUT_FILE,
+    SUFFIX,
+    Layout,
+    Tensor,
+    read_layout,
+    write_adapter_file,
+    write_layout,
+)
 from .prepare import for_export
 
 KEPT_PASSES = ("eliminate_dead_code",)  # the optimization passes a swappable model runs
@@ -113,7 +125,7 @@ def plan(gm: fx.GraphModule, spec: Spec, captured: Captured) -> Plan:
             values[name] = value
             identity[name] = _identity(module, key, value)
             tensors.append(Tensor(name, tuple(value.shape), str(_numpy(value).dtype), placement.adapter,
-                                  placement.reference_module, key))
+                                  placement.reference_module, key, _fill(identity[name])))
     adapters = {name: {"method": a.method.NAME, "format": "peft" if a.method.NAME == "peft_lora" else "adapterhub",
                        "config": a.config.to_dict(), "file": f"{ADAPTERS_DIR}/{name}{SUFFIX}"}
                 for name, a in spec.adapters.items()}
@@ -126,6 +138,10 @@ def _identity(module: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
     if getattr(module, "composition", None) == "scale" and key == "lora_B":
         return torch.full_like(value, 1.0 / module.scaling)  # (IA)^3: y' = y ⊙ (alpha · l), identity l = 1/alpha
     return torch.zeros_like(value)
+
+
+def _fill(identity: torch.Tensor) -> float:
+    return float(identity.flatten()[0]) if identity.numel() else 0.0
 
 
 def load_values(gm: fx.GraphModule, values: dict[str, np.ndarray]) -> None:
@@ -264,3 +280,84 @@ def _adopt(plan: Plan, name: str, single: fx.GraphModule) -> None:
                 raise RuntimeError(f"swappable: adapter {name!r} compiled alone has no {tensor.module}.{tensor.key} "
                                    f"of shape {tensor.shape}")
             plan.values[tensor.name] = value
+
+
+def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
+    """An AdapterHub or PEFT checkpoint as the values of an adapter file for `layout`, without the model: its
+    tensors take the place of a compiled adapter of the same method and shapes (`slot`, or the first that fits;
+    one with an equal config first), every other adapter's tensors their identity. Returns (slot, values)."""
+    path = f"adapters export {directory}"
+    method, config = read_config(directory, path)
+    peft = method.NAME == "peft_lora"
+    weights = (peft_checkpoint.read_weights if peft else adapterhub.read_weights)(directory, path)
+    saved = None if peft else adapterhub.read_checkpoint_json(directory, path).get("name")
+    candidates = [n for n, a in layout.adapters.items() if a.get("method") == method.NAME and slot in (None, n)]
+    candidates.sort(key=lambda n: layout.adapters[n].get("config") != config.to_dict())
+    if not candidates:
+        choices = ", ".join(f"{n} ({a.get('method')})" for n, a in layout.adapters.items())
+        raise UserError(f"{path}: the model has no {'adapter ' + repr(slot) + ' of method ' if slot else ''}"
+                        f"{method.NAME} adapter to take this checkpoint's place (its adapters: {choices}); compile it "
+                        "with an adapter of this method and size in the spec.")
+    reasons = []
+    for name in candidates:
+        mapped = _map_weights(weights, layout, name, saved or name, peft)
+        if isinstance(mapped, str):
+            reasons.append(f"{name}: {mapped}")
+            continue
+        values = {t.name: mapped[t.name] if t.adapter == name else t.identity_value() for t in layout.tensors}
+        return name, values
+    raise UserError(f"{path}: the checkpoint fits no adapter of the model ({'; '.join(reasons)}); it was trained "
+                    "with another config or for another model.")
+
+
+def _map_weights(weights: dict[str, torch.Tensor], layout: Layout, name: str, saved: str, peft: bool
+                 ) -> dict[str, np.ndarray] | str:
+    """The checkpoint's tensors under the layout's names for adapter `name`, or why they do not fit."""
+    prefix = layout.base_prefix
+
+    def strip(key: str) -> str:
+        key = key[len(peft_checkpoint.PREFIX):] if peft and key.startswith(peft_checkpoint.PREFIX) else key
+        return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+
+    stripped = {strip(k): v for k, v in weights.items()}
+    mapped, used = {}, set()
+    for tensor in layout.tensors:
+        if tensor.adapter != name:
+            continue
+        key = strip(f"{tensor.module}.{tensor.key}" if peft else f"{tensor.module}.{saved}.{tensor.key}")
+        value = stripped.get(key)
+        if value is None:
+            return f"lacks {key!r}"
+        if tuple(value.shape) != tensor.shape:
+            return f"{key!r} is {list(value.shape)}, the model's is {list(tensor.shape)}"
+        mapped[tensor.name] = _numpy(value.to(getattr(torch, tensor.dtype)))
+        used.add(key)
+    unused = sorted(set(stripped) - used)
+    if unused:
+        return f"{len(unused)} tensor(s) the model has no place for, e.g. {unused[0]!r}"
+    return mapped
+
+
+def export_adapter_file(source: Path, output: Path, model_dir: Path | None = None, slot: str | None = None) -> str:
+    """`fxadapt adapters export`: the checkpoint in `source` (a directory, or a spec whose active adapter loads
+    one) as `output`, an adapter file for the swappable model in `model_dir` (default: the OUT whose adapters/
+    folder `output` is in). Returns the compiled adapter whose place it takes."""
+    if model_dir is None:
+        if not (output.parent / LAYOUT_FILE).is_file():
+            raise UserError(f"adapters export: say which swappable model {output} is for (--model-dir OUT), or "
+                            f"write it into OUT/{ADAPTERS_DIR}/.")
+        model_dir = output.parent.parent
+    layout = read_layout(model_dir)
+    directory = source
+    if source.is_file():  # a spec: its active adapter's checkpoint
+        spec = load_spec(source)
+        adapter = spec.adapters[spec.active[0]] if len(spec.active) == 1 else None
+        if adapter is None or adapter.load is None:
+            raise UserError(f"adapters export {source}: the spec's \"active\" must be one adapter with {{\"load\": "
+                            "DIR}} (a checkpoint to convert); or pass the checkpoint directory itself.")
+        directory = adapter.load
+    elif not source.is_dir():
+        raise UserError(f"adapters export: {source} is neither a checkpoint directory nor a spec file.")
+    name, values = convert_checkpoint(directory, layout, slot)
+    write_adapter_file(output, layout, values)
+    return name
