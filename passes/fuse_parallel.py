@@ -15,7 +15,7 @@ setup is one adapter or an Average of adapters. Everything else is left alone an
 `gm.meta["fxadapt"]["fused"]["left"]` (DoRA rescales the whole output by a norm, gates average over the
 sequence, dropout is random in training mode), with the groups made and the graph's op and product counts
 before and after (passes/op_counts.py), which report.json shows. New weights are new tensors
-(`fxadapt._fused.<site>`), so the adapters' own weights are untouched.
+(`fxadapt._fused.L<layer>_<input>`), so the adapters' own weights are untouched.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from .manager import PassResult
 from .op_counts import op_counts
 
 PASS = "fuse_parallel_branches"
-HOLDER = "_fused"  # fxadapt._fused.<site>: the fused weights (a name no adapter module path uses)
+HOLDER = "_fused"  # fxadapt._fused.L<layer>_<input>: the fused weights (a name no adapter module path uses)
 
 # Why a family module is no plain low-rank update s·B A x (by class name; anything else: see _low_rank).
+DORA = "DoRA scales the whole projection output by m / ||W + s·B A||_row, so its update is no sum of low-rank " \
+       "products of x"
 NOT_LOW_RANK = {
-    "DoRA": "DoRA scales the whole projection output by m / ||W + s·B A||_row, so its update is no sum of "
-            "low-rank products of x",
-    "PeftDoRA": "DoRA scales the whole projection output by m / ||W + s·B A||_row, so its update is no sum of "
-                "low-rank products of x",
+    "DoRA": DORA,
+    "PeftDoRA": DORA,
     "IA3": "(IA)^3 multiplies the projection output; it has no product to share",
     "VeRA": "VeRA's per-site scalings sit between its shared factors; not fused",
 }
@@ -204,7 +204,8 @@ def fuse_parallel_branches(gm: fx.GraphModule) -> PassResult:
     for node in gm.graph.nodes:
         if node.op != "call_module" or not node.meta.get(meta.ORIGIN) or not node.args:
             continue
-        found = _branch(gm, node)
+        with torch.no_grad():  # the scaled factors are new tensors, not part of any autograd graph
+            found = _branch(gm, node)
         if isinstance(found, str):
             left.append({"module": str(node.target), "reason": found})
         elif isinstance(node.args[0], fx.Node):

@@ -14,7 +14,6 @@ import operator
 
 import torch
 from torch import fx, nn
-from torch.fx._symbolic_trace import PH
 from torch.nn import functional as F
 
 from fxadapt import meta
@@ -48,7 +47,7 @@ def _module_counts(module: nn.Module, arity: int) -> tuple[int, int, bool]:
     """(ops, products, estimated) of one call of `module` with `arity` arguments."""
     root = _Call(module)
     try:
-        graph = _Tracer().trace(root, concrete_args=tuple(PH for _ in range(arity)))
+        graph = _Tracer().trace(root, concrete_args=tuple(fx.PH for _ in range(arity)))
     except Exception:  # noqa: BLE001 - any trace failure (data-dependent control flow, ...) falls back to an estimate
         weights = sum(1 for p in module.parameters() if p.dim() >= 2)
         return 1, weights, True
