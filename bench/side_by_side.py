@@ -185,11 +185,16 @@ def check_parity(bench: Bench, rows: list[Row]) -> float:
                 print(f"  [n/a ] {name:<12} {row.batch}x{row.seq}: {row.missing}")
                 continue
             want = bench.call(ref_key)()
-            err = max_error(got, want)
-            worst = max(worst, err)
+            try:
+                error = max_error(got, want)
+            except ValueError as mismatch:
+                print(f"  [FAIL] {name:<12} {row.batch}x{row.seq}: {mismatch}")
+                worst = float("inf")
+                continue
+            worst = max(worst, error)
             moved = "" if name == "base" else f"; effect vs base {effect(want, bench.call(ref_base)()):.3g}"
-            flag = "ok" if err <= PARITY_LIMIT else "FAIL"
-            print(f"  [{flag:>4}] {name:<12} {row.batch}x{row.seq}: max abs {err:.2e} (vs {ref_key[1]}){moved}")
+            flag = "ok" if error <= PARITY_LIMIT else "FAIL"
+            print(f"  [{flag:>4}] {name:<12} {row.batch}x{row.seq}: max abs {error:.2e} (vs {ref_key[1]}){moved}")
     return worst
 
 
@@ -257,7 +262,8 @@ def main() -> None:
     root = args.workdir / ("small" if args.small else "bert-base")
     size = "BERT 2 x 128 (--small)" if args.small else "BERT-base 12 x 768 (random init)"
     print_machine(args, size)
-    print(f"\nModels and adapters under {root}: " + ("built now" if build_all(root, args.small) else "cached"))
+    print(f"\nModels and adapters under {root}: ", end="", flush=True)
+    print("built now" if build_all(root, args.small) else "cached")
     vocab = transformers.BertConfig.from_pretrained(str(root / "base")).vocab_size
     bench = Bench(root, args.threads, vocab, spin=not args.ort_no_spin)
 
