@@ -2,12 +2,14 @@
 directories, compiled to ONNX by the `fxadapt` CLI of the main environment (a subprocess: fxadapt is not
 installed in the reference venv), and ONNX Runtime sessions over the results.
 
-Compiled graphs are cached in ROOT/onnx/<variant>/ beside the spec they were compiled from
-(`bench_spec.json`); a changed spec or a failed compile compiles again on the next run.
+Compiled graphs are cached in ROOT/onnx/<variant>/ beside the spec they were compiled from and a digest
+of the compiler's source (`bench_spec.json`); a changed spec, a changed fxadapt (fxadapt/, passes/) or a
+failed compile compiles again on the next run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -19,6 +21,7 @@ import onnxruntime as ort
 from _reference_models import FUSED, routed_names
 
 SPEC_COPY = "bench_spec.json"
+REPO = Path(__file__).resolve().parents[1]  # the fxadapt checkout the main environment installs (editable)
 _NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}
 
 
@@ -49,9 +52,11 @@ def spec_for(variant: str, root: Path) -> dict[str, Any]:
 
 def compile_variant(variant: str, root: Path, fxadapt: list[str]) -> Path | str:
     """The compiled model.onnx of a variant (cached), or why there is none (the CLI's message)."""
-    spec_text = json.dumps(spec_for(variant, root), indent=1, sort_keys=True) + "\n"
+    spec = spec_for(variant, root)
+    spec_text = json.dumps(spec, indent=1, sort_keys=True) + "\n"
+    key_text = json.dumps({"spec": spec, "fxadapt_source": source_digest()}, indent=1, sort_keys=True) + "\n"
     out = root / "onnx" / variant
-    if (out / "model.onnx").is_file() and (out / SPEC_COPY).is_file() and (out / SPEC_COPY).read_text() == spec_text:
+    if (out / "model.onnx").is_file() and (out / SPEC_COPY).is_file() and (out / SPEC_COPY).read_text() == key_text:
         return out / "model.onnx"
     spec_file = root / "specs" / f"{variant}.json"
     spec_file.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +73,17 @@ def compile_variant(variant: str, root: Path, fxadapt: list[str]) -> Path | str:
         return f"compile failed (exit {proc.returncode}): {_last_paragraph(proc.stderr or proc.stdout)}"
     if proc.returncode == 3:
         print(f"  note: {variant}: fxadapt's own verification was above its default --atol", flush=True)
-    (out / SPEC_COPY).write_text(spec_text)
+    (out / SPEC_COPY).write_text(key_text)
     return out / "model.onnx"
+
+
+def source_digest() -> str:
+    """sha256 over the compiler's Python sources, so graphs compiled by an older fxadapt are not reused
+    (the passes of issue #11 change the graphs without changing any spec)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for folder in ("fxadapt", "passes") for p in (REPO / folder).rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _last_paragraph(text: str, limit: int = 300) -> str:

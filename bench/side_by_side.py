@@ -25,6 +25,7 @@ import platform
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ import onnxruntime as ort
 import peft
 import torch
 import transformers
-from _fxadapt_side import compile_variant, feed_for, run_session, session
+from _fxadapt_side import REPO, compile_variant, feed_for, run_session, session, source_digest
 from _reference_models import build_all, load_reference, routed_names
 
 LABELS = {
@@ -246,6 +247,17 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+def fxadapt_version() -> str:
+    """The checkout's commit (+ "with local changes" when fxadapt/ or passes/ differ from it) and the
+    digest that keys the compiled-graph cache."""
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "fxadapt", "passes"], capture_output=True,
+                           text=True, check=False)
+    commit = head.stdout.strip() or "unknown commit"
+    return f"{commit}{' with local changes' if dirty.stdout.strip() else ''} (source {source_digest()})"
+
+
 def print_machine(args: argparse.Namespace, size: str) -> None:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpus = f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), load {os.getloadavg()[0]:.2f}"
@@ -254,6 +266,7 @@ def print_machine(args: argparse.Namespace, size: str) -> None:
           f"adapters {adapters.__version__}, peft {peft.__version__}; threads {args.threads} (torch and ORT "
           f"intra-op{', ORT no spinning' if args.ort_no_spin else ''}); {size}; {args.reps} interleaved rounds, "
           "median; fp32")
+    print(f"fxadapt {fxadapt_version()}")
 
 
 def main() -> None:
