@@ -5,6 +5,8 @@ are left alone with a reason."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import fx
@@ -12,6 +14,7 @@ from torch import fx
 from conftest import REFERENCE
 from fxadapt import meta, pass_list
 from fxadapt.capture import export_program, flatten_outputs
+from fxadapt.cli import main
 from fxadapt.export.onnx import export_onnx, run_onnx
 from fxadapt.graph_ops import aten
 from fxadapt.lifecycle.base_graph import capture_base, fresh_copy
@@ -221,3 +224,16 @@ def test_gate_and_up_of_a_gated_ffn_share_one_gemm():
     assert sites == [["attn.q", "attn.k", "attn.v"], ["ffn.gate", "ffn.up"]] * 2
     assert sorted(e["module"].rpartition(".")[2] for e in record["left"]) == ["layers_0_mlp_down_proj",
                                                                               "layers_1_mlp_down_proj"]
+
+
+@pytest.mark.slow
+def test_report_json_shows_the_groups_and_counts(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"adapters": {"a": "lora[r=4,attn_matrices=['q','k','v'],init_weights='bert']"},
+                                "optimize": {"merge_lora": False}}))
+    assert main(["compile", "--spec", str(spec), "-o", str(tmp_path / "out"), "--format", "onnx", "--debug"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(report["passes"]) == ["insert_adapters", "fuse_parallel_branches", "eliminate_dead_code"]
+    fused = report["fused_branches"]
+    assert [len(g["branches"]) for g in fused["groups"]] == [3, 3] and fused["left"] == []
+    assert fused["counts"]["after"]["matmuls"] == fused["counts"]["before"]["matmuls"] - 4
