@@ -4,18 +4,19 @@
         ==>  h = [s_1 A_1; ...; s_n A_n] x          one GEMM, rank r_1 + ... + r_n
              Δ_i = B_i h[r_1 + ... + r_(i-1) : ... + r_i]
     PEFT LoRA bias                      s (B A x + b_B)  ==>  B (s A x) + s b_B
+    VeRA                                s Λ_b B Λ_d A x  ==>  factors (s Λ_d A, Λ_b B), A and B its shared ones
     Average of LoRAs at one site        y' = y + 1/N Σ_c w_c s_c B_c A_c x
         ==>  y' = y + [B_1 | ... | B_N] ([w_1 s_1 / N A_1; ...; w_N s_N / N A_N] x)
 
 so n sibling adapters take n + 1 products instead of 2n, and an Average of N LoRAs 2 instead of 2N (and its
 A rows join its siblings' GEMM). Exact up to float rounding: only the order of sums and the place of the
 scalar scalings change. What is fused is plain low-rank updates: AdapterHub LoRA (ungated, not a fused q/k/v
-LoRA) and PEFT LoRA, alone (insert_adapters) or under a composed site (lower_composition's LoRASite) whose
-setup is one adapter or an Average of adapters. Everything else is left alone and recorded with its reason in
-`gm.meta["fxadapt"]["fused"]["left"]` (DoRA rescales the whole output by a norm, gates average over the
-sequence, dropout is random in training mode), with the groups made and the graph's op and product counts
-before and after (passes/op_counts.py), which report.json shows. New weights are new tensors
-(`fxadapt._fused.L<layer>_<input>`), so the adapters' own weights are untouched.
+LoRA), VeRA (ungated) and PEFT LoRA, alone (insert_adapters), and LoRA / PEFT LoRA under a composed site
+(lower_composition's LoRASite) whose setup is one adapter or an Average of adapters. Everything else is left
+alone, with its reason in `gm.meta["fxadapt"]["fused"]["left"]` (DoRA rescales the whole output by a norm,
+gates average over the sequence, dropout is random in training mode); the groups made and the graph's op and
+product counts before and after (passes/op_counts.py) are recorded beside it, and report.json shows them.
+New weights are new tensors (`fxadapt._fused.L<layer>_<input>`), so the adapters' own weights are untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fxadapt.graph_ops import aten
 from fxadapt.methods.lora import LoRA
 from fxadapt.methods.lora.peft import PeftLoRA
 from fxadapt.methods.lora.site import LoRASite
+from fxadapt.methods.lora.vera import VeRA
 
 from .manager import PassResult
 from .op_counts import op_counts
@@ -47,7 +49,7 @@ NOT_LOW_RANK = {
     "DoRA": DORA,
     "PeftDoRA": DORA,
     "IA3": "(IA)^3 multiplies the projection output; it has no product to share",
-    "VeRA": "VeRA's per-site scalings sit between its shared factors; not fused",
+    "VeRADoRA": DORA,
 }
 
 
@@ -64,14 +66,22 @@ class Branch:
     adapters: int  # how many adapters' products it holds (an Average: N)
 
 
-def _low_rank(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | str:
-    """(s A, B, s b_B) of a plain LoRA update, or why the module is not one."""
+def _low_rank(module: nn.Module, shared: tuple[torch.Tensor, ...] | None = ()
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | str:
+    """(s A, B, s b_B) of a plain low-rank update, or why the module is not one. `shared`: the stored tensors
+    the call passes after x (VeRA's A and B), None when it passes other values too."""
     dropout = getattr(module, "lora_dropout", None)
     if module.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
         return "training mode: its dropout is random, so its update is not a fixed product"
-    if type(module) is LoRA:  # exact types: subclasses (MTL-LoRA, VeRA) compute something else
-        if module.gated:
-            return "gated: its gate averages over the sequence and scales each update"
+    if type(module) in (LoRA, PeftLoRA, VeRA) and module.gated:  # exact types: subclasses compute more
+        return "gated: its gate averages over the sequence and scales each update"
+    if type(module) is VeRA:  # s Λ_b B Λ_d A x: (s Λ_d A, Λ_b B) are its two thin factors
+        if shared is None or len(shared) != 2:
+            return "VeRA whose shared A and B are not stored tensors; not fused"
+        return module.vera_D @ shared[0] * module.scaling, module.vera_B @ shared[1], None
+    if type(module) in (LoRA, PeftLoRA) and shared != ():
+        return "it reads more than its input"
+    if type(module) is LoRA:
         if module.chunks:
             return "a fused q/k/v LoRA: its A already stacks the enabled matrices (one product)"
         return module.lora_A * module.scaling, module.lora_B, None
@@ -120,10 +130,17 @@ def _branch(gm: fx.GraphModule, call: fx.Node) -> Branch | str:
     module = gm.get_submodule(call.target)
     if isinstance(module, LoRASite):
         return _site_branch(module, call)
-    found = _low_rank(module)
-    if isinstance(found, str):
-        return found
-    return Branch(call, *found, composed=False, adapters=1) if len(call.args) == 1 else "it reads more than x"
+    extra = call.args[1:]
+    stored = all(isinstance(n, fx.Node) and n.op == "get_attr" for n in extra)
+    found = _low_rank(module, tuple(_stored(gm, n) for n in extra) if stored else None)
+    return found if isinstance(found, str) else Branch(call, *found, composed=False, adapters=1)
+
+
+def _stored(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    value = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _origin(call: fx.Node) -> dict:

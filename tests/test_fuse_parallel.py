@@ -114,6 +114,15 @@ def test_peft_targets_with_different_ranks_and_a_lora_bias(captured):
     assert {b["method"] for g in record["groups"] for b in g["branches"]} == {"peft_lora"}
 
 
+
+def test_vera_siblings_share_one_gemm_of_their_thin_factors(captured):
+    captured = captured[0]
+    gm = _rewritten(captured, _spec({"a": "vera[r=4,alpha=7,attn_matrices=['q','k','v']]"}), seed=3)
+    error, effect, record = _equivalent(captured, gm)
+    assert effect > 1e-3 and error <= 1e-5
+    assert _adapter_calls(gm) == []
+    assert [[b["method"] for b in g["branches"]] for g in record["groups"]] == [["vera"] * 3] * 2
+
 def test_average_of_loras_is_one_product_per_site(captured):
     captured = captured[0]
     spec = _spec({"a": "lora[r=4,alpha=7]", "b": "lora[r=8,alpha=3]"},
