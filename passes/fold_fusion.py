@@ -71,7 +71,7 @@ def fold_fusion(gm: fx.GraphModule) -> PassResult:
 
 def _fold(gm: fx.GraphModule, node: fx.Node, site: BottleneckSite, name: str, fusion: Fusion):
     """The folded module, None when no Fuse block calls this fusion here, or why it cannot fold (a str)."""
-    if site.training or fusion.training:
+    if any(m.training for m in site.modules()):
         return ("training mode: dropout on the attention scores and stochastic depth on the adapters' outputs act, "
                 "and the fusion's own weights are being trained")
     if fusion.config.get("temperature"):

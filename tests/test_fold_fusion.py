@@ -128,10 +128,10 @@ def test_refusals_are_recorded_and_leave_the_fusion(fused):
     gm = result.graph
     node = _sites(gm)[0]
     cases = {
-        "training mode": lambda site: site.train(),
+        "training mode": lambda site: site.adapter_fusion_layer["a,b"].train(),  # the fusion alone suffices
         "temperature": lambda site: site.adapter_fusion_layer["a,b"].config.update(temperature=True),
         "not a linear layer": lambda site: setattr(site.adapters["b"], "adapter_up",
-                                                   torch.nn.Sequential(site.adapters["b"].adapter_up)),
+                                                   torch.nn.Sequential(site.adapters["b"].adapter_up).eval()),
     }
     for reason, spoil in cases.items():
         site = copy.deepcopy(originals[node.target])
