@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ...compose.task_inputs import check_task_ids
 from ...composition import Block
 from ...errors import UserError
 from .family import FamilyModule
@@ -164,6 +165,7 @@ class LoRASite(nn.Module):
         # the reference's sort / BatchSplit / unsort without data-dependent shapes.
         # Rows of a child absent here keep the state they came with, as in the reference's BatchSplit.
         task_ids, rows = state.task_ids, state.task_ids.shape[0]
+        check_task_ids(task_ids, len(block.children), block.path or "multi_task")  # -1: no adapter, as routed
         results = [(i, self._child(child, state)) for i, child in enumerate(block.children)]
         results = [(i, r) for i, r in results if r is not None]
         if not results:
