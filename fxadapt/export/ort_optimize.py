@@ -9,8 +9,10 @@ applies ONNX Runtime's own graph optimizations at load time anyway, and a saved 
 be tied to the machine it was written on.
 
 Swappable adapters (weights as graph inputs with initializer defaults) must stay inputs: neither fusion
-may fold them. `overridable` names them; `check_inputs_kept` refuses a result that lost one, and
-`adapter_weights` / `missing_adapter_weights` tell whether every adapter weight survived by name.
+may fold them. Their defaults are detached while the optimizer runs (`detached_defaults`), so to it they
+are plain inputs it cannot read, fold or transpose in place (it did: a LoRA weight's initializer came back
+transposed under the input's old shape), and put back afterwards. `check_inputs_kept` refuses a result
+that lost one; `adapter_weights` / `missing_adapter_weights` tell whether every adapter weight survived.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def optimize_onnx(source: Path, target: Path, config: Any) -> dict[str, Any]:
 
     model = onnx.load(str(source))
     inputs = overridable(model)
+    defaults = detach_defaults(model)
     attention = fuse_attention(model)
     model_type = optimizer_model_type(config)
     heads = int(getattr(config, "num_attention_heads", 0) or 0) if config is not None else 0
@@ -54,6 +57,7 @@ def optimize_onnx(source: Path, target: Path, config: Any) -> dict[str, Any]:
     finally:
         logger.setLevel(level)
     check_inputs_kept(inputs, optimized.model, "the ONNX Runtime optimizer")
+    optimized.model.graph.initializer.extend(defaults)
     fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
     if attention:
         fused["MultiHeadAttention"] = max(fused.get("MultiHeadAttention", 0), attention)
@@ -75,6 +79,16 @@ def overridable(model: Any) -> set[str]:
     """Graph inputs that also have an initializer: defaults a caller may override (swappable adapters)."""
     initializers = {i.name for i in model.graph.initializer}
     return {i.name for i in model.graph.input if i.name in initializers}
+
+
+def detach_defaults(model: Any) -> list[Any]:
+    """Remove (and return) the initializers of overridable inputs; extend graph.initializer to restore them."""
+    names = overridable(model)
+    defaults = [i for i in model.graph.initializer if i.name in names]
+    kept = [i for i in model.graph.initializer if i.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return defaults
 
 
 def check_inputs_kept(names: set[str], model: Any, step: str) -> None:

@@ -7,12 +7,14 @@ Rounding moves every output a little (max abs error ~0.15 on BERT-base's hidden 
 1e-4 is the wrong yardstick. An output passes when the cosine similarity of its flattened values to the
 fp32 reference is at least MIN_COSINE; its max abs and relative error are reported beside it.
 
-Swappable adapters (weights as graph inputs with initializer defaults) are left in fp32: the nodes that
-read such an input are excluded, so the quantizer cannot bake the default into an int8 initializer.
+Swappable adapters (weights as graph inputs with initializer defaults) are left in fp32: their defaults
+are detached while the quantizer runs (it quantizes only constant weights) and the nodes that read them are
+excluded, so it cannot bake a default into an int8 initializer.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ort_optimize import check_inputs_kept, overridable
+from .ort_optimize import check_inputs_kept, detach_defaults, overridable
 from .verify import OutputError
 
 MIN_COSINE = 0.99  # the documented tolerance of a quantized artifact (docs/deploy.md)
@@ -48,11 +50,19 @@ def quantize_onnx(source: Path, target: Path) -> dict[str, Any]:
     for i, node in enumerate(unnamed):  # nodes_to_exclude works by name: give every node one
         node.name = f"fxadapt_node_{i}"
     keep = [n.name for n in model.graph.node if inputs.intersection(n.input)]
+    defaults = detach_defaults(model)
     tmp = target.with_name(target.name + ".tmp")
     try:
-        quantize_dynamic(model, str(tmp), weight_type=QuantType.QInt8, nodes_to_exclude=keep)
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR  # it advises "pre-processing" on every call, on the root
+        try:
+            quantize_dynamic(model, str(tmp), weight_type=QuantType.QInt8, nodes_to_exclude=keep)
+        finally:
+            root.setLevel(level)
         quantized = onnx.load(str(tmp))
         check_inputs_kept(inputs, quantized, "dynamic quantization")
+        quantized.graph.initializer.extend(defaults)
+        onnx.save(quantized, str(tmp))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
