@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REFERENCE, load_case
-from fxadapt import meta, pipeline
+from fxadapt import Fuse, meta, pipeline
 from fxadapt.capture import flatten_outputs
 from fxadapt.export.onnx import run_onnx
 from fxadapt.methods.bottleneck.fusion import Fusion
@@ -197,3 +197,23 @@ def test_reference_fusion_fixtures_match_folded(case, tmp_path):
     for got in (_run(result.graph, inputs), [torch.from_numpy(a) for a in run_onnx(tmp_path / "model.onnx", inputs)]):
         for field in info["outputs"]:
             assert (got[names.index(field)] - io[f"out.{field}"]).abs().max().item() <= 1e-5, field
+
+
+def test_python_api_export_with_a_head_folds_the_fusion(model):
+    """AdaptedModel.export() under a head optimizes before capturing the head: the fusion folds there too."""
+    model.add_adapter("a", "seq_bn")
+    model.add_adapter("b", "seq_bn[reduction_factor=8]")
+    model.add_adapter_fusion(Fuse("a", "b"))
+    with torch.no_grad():
+        for module in model.adapter_modules("a") + model.adapter_modules("b") + model._fusion_modules("a,b"):
+            for p in module.parameters():
+                p.normal_(0.0, 0.3)
+    model.set_active_adapters(Fuse("a", "b"))
+    model.add_classification_head("a", num_labels=3)
+    model.eval()
+    inputs = {"input_ids": torch.randint(1, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    program = model.export()
+    assert any(name.endswith("score_weight") for name in program.state_dict)
+    with torch.no_grad():
+        got, ref = program.module()(**inputs)["logits"], model(**inputs).logits
+    assert (got - ref).abs().max().item() <= 1e-5

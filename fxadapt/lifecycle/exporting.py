@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from .. import pass_list
 from ..capture import Captured, export_program
+from ..compose.fusion_spec import FUSION_METHOD
 from ..composition import multi_task_children, pinned_dims, setup_dynamic_shapes
 from ..pipeline import Result, compile_model
 from ..spec import Spec
@@ -70,8 +71,12 @@ def with_head(graph: fx.GraphModule, head: ClassificationHead, input_names: list
 
 
 def _optimized(lowered: Lowered, merge: bool) -> tuple[fx.GraphModule, dict[str, int]]:
-    """pass_list's OPTIMIZE passes (the CLI's), before a head is captured on top of the graph."""
-    return pass_list.optimize(lowered.graph, pass_list.Context(options={"merge_lora": merge}))
+    """pass_list's OPTIMIZE passes (the CLI's), before a head is captured on top of the graph; a setup with
+    AdapterFusion asks for fold_fusion (its Context has no spec to tell)."""
+    options = {"merge_lora": merge}
+    if any(p.method == FUSION_METHOD for p in lowered.placements):
+        options["fold_fusion"] = True
+    return pass_list.optimize(lowered.graph, pass_list.Context(options=options))
 
 
 def _for_setup(info: dict, setup) -> dict:
