@@ -234,3 +234,32 @@ def test_aoti_package_verifies_on_both_shapes_and_swaps_constants(tmp_path):
         dict(result.graph.named_parameters())[up].zero_()
         expected = result.graph(**inputs)["last_hidden_state"]
     assert (before - after).abs().max() > 1e-3 and torch.allclose(after, expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_swappable_adapter_files_work_on_the_optimized_and_int8_models(tmp_path):
+    import onnxruntime as ort  # native runtime, as in export/onnx.py
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"adapters": {"a": {"load": str(CHECKPOINT)}, "b": "lora[r=4]"}, "active": "a"}))
+    out = tmp_path / "out"
+    assert main(["compile", str(BERT), "--spec", str(spec), "-o", str(out), "--format", "onnx", "--swappable",
+                 "--ort-optimize", "--quantize", "int8"]) == 0
+    feed = {k: v.numpy() for k, v in _inputs(2, 6).items()}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # it warns about every initializer that is also an input: that is the point
+    sessions = {name: ort.InferenceSession(str(out / name), options, providers=["CPUExecutionProvider"])
+                for name in ("model.onnx", "model.opt.onnx", "model.int8.onnx")}
+    outputs = {}
+    for adapter in ("a", "b"):
+        loaded = ort.LoraAdapter()
+        loaded.Load(str(out / "adapters" / f"{adapter}.onnx_adapter"))
+        run_options = ort.RunOptions()
+        run_options.add_active_adapter(loaded)
+        got = {name: s.run(["last_hidden_state"], feed, run_options)[0] for name, s in sessions.items()}
+        plain = got["model.onnx"]
+        assert np.abs(got["model.opt.onnx"] - plain).max() < 1e-5, adapter
+        int8 = got["model.int8.onnx"].ravel()
+        assert np.dot(int8, plain.ravel()) / np.linalg.norm(int8) / np.linalg.norm(plain) > 0.99, adapter
+        outputs[adapter] = plain
+    assert np.abs(outputs["a"] - outputs["b"]).max() > 1e-2  # the files switch the adapter in one session
