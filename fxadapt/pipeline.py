@@ -360,6 +360,8 @@ def report_json(result: Result, spec: Spec, tolerance: tuple[float, float]) -> d
         "fused_branches": result.graph.meta.get("fxadapt", {}).get("fused"),
         # fold_fusion's refusals: the AdapterFusion modules it left unfolded, each with the reason
         "not_folded": result.graph.meta.get("fxadapt", {}).get("not_folded", []),
+        # route_rows' refusals: the multi_task sites it left unrouted, each with the reason
+        "not_routed": result.graph.meta.get("fxadapt", {}).get("not_routed", []),
         "pinned": result.captured.info.get("pinned", {}),
         "tolerance": {"atol": tolerance[0], "rtol": tolerance[1], "rule": "max|a - r| <= atol + rtol * max|r|"},
         "artifacts": artifacts,

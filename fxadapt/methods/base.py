@@ -127,6 +127,9 @@ class Method(Protocol):
                                   lowerer(gm, spec, sites, paths, index, modules, shared) -> (nodes, placements)
                                   lowers one composed site; stage 0 runs before 1 (passes/lower_composition.py)
     FUSABLE                       its adapters may join a Fuse block (AdapterFusion; lifecycle/fusion_io.py)
+    ROUTERS                       composed-site class -> router(gm, node, site) -> (routed module, call args) or
+                                  the reason it is left alone: a multi_task site's weights stacked and gathered
+                                  per row (passes/route_rows.py; methods/lora/route.py, methods/bottleneck/route.py)
     Config.combine_strategies     average_adapter strategies beyond "linear" (lifecycle/averaging.py)
     """
 
