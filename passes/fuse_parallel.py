@@ -184,10 +184,11 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, branches: list[Branch]) -> tuple[int, 
     ranks = [b.a.shape[0] for b in branches]
     a = build.weight("lora_A", torch.cat([b.a for b in branches]), first, shared)
     h = build.op(aten.linear.default, (x, a), first, shared, keep_val=False)
-    parts = [h]
+    parts, split = [h], None
     if len(branches) > 1:
         split = build.op(aten.split_with_sizes.default, (h, ranks, -1), first, shared, keep_val=False)
         parts = [build.op(operator.getitem, (split, i), first, shared, keep_val=False) for i in range(len(ranks))]
+    _shapes(x, holder.lora_A, h, split, parts, ranks)
     for i, (branch, origin, part) in enumerate(zip(branches, origins, parts, strict=True)):
         call = branch.call
         args = (part, build.weight(f"lora_B_{i}", branch.b, call, origin))
@@ -203,6 +204,22 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, branches: list[Branch]) -> tuple[int, 
                             "layer": o.get("layer"), "module": str(b.call.target), "rank": r, "adapters": b.adapters}
                            for o, b, r in zip(origins, branches, ranks, strict=True)]}
     return len(build.created) + len(branches), record
+
+
+def _shapes(x: fx.Node, a: torch.Tensor, h: fx.Node, split: fx.Node | None, parts: list[fx.Node],
+            ranks: list[int]) -> None:
+    """`val` of the rank-sized nodes, from x's fake tensor (tools read shapes from it; it has no other use)."""
+    val = x.meta.get("val")
+    mode = getattr(val, "fake_mode", None)
+    if mode is None:
+        return
+    with mode:
+        h.meta["val"] = aten.linear.default(val, torch.empty(a.shape, dtype=a.dtype, device=val.device))
+        pieces = aten.split_with_sizes.default(h.meta["val"], ranks, -1)
+    if split is not None:
+        split.meta["val"] = list(pieces)
+        for part, piece in zip(parts, pieces, strict=True):
+            part.meta["val"] = piece
 
 
 def _refusal(branches: list[Branch]) -> str | None:

@@ -100,6 +100,7 @@ def test_qkv_loras_share_one_gemm_within_rounding_and_counts_drop(captured):
         if origin.get("pass") == PASS and node.op == "call_function":
             assert node.meta.get("nn_module_stack") and origin["adapter"] == "a" and origin["method"] == "lora"
             assert origin["layer"] in (0, 1) and origin["site"].startswith("attn.")
+    assert [tuple(p.meta["val"].shape)[-1] for p in products] == [12, 12]  # the shared product's shape is known
 
 
 def test_peft_targets_with_different_ranks_and_a_lora_bias(captured):
