@@ -77,6 +77,16 @@ def compile_variant(variant: str, root: Path, fxadapt: list[str]) -> Path | str:
     return out / "model.onnx"
 
 
+def graph_summary(onnx: Path) -> str:
+    """What fxadapt did to a graph, from its report.json: the passes that changed something, ONNX nodes."""
+    try:
+        report = json.loads((onnx.parent / "report.json").read_text())
+    except (OSError, ValueError):
+        return "(no report.json)"
+    passes = ", ".join(f"{name} {count}" for name, count in report.get("passes", {}).items() if count)
+    return f"passes: {passes or 'none'}; ONNX nodes {report.get('artifacts', {}).get('onnx', {}).get('nodes', '?')}"
+
+
 def source_digest() -> str:
     """sha256 over the compiler's Python sources, so graphs compiled by an older fxadapt are not reused
     (the passes of issue #11 change the graphs without changing any spec)."""

@@ -38,7 +38,7 @@ import onnxruntime as ort
 import peft
 import torch
 import transformers
-from _fxadapt_side import REPO, compile_variant, feed_for, run_session, session, source_digest
+from _fxadapt_side import REPO, compile_variant, feed_for, graph_summary, run_session, session, source_digest
 from _reference_models import build_all, load_reference, routed_names
 
 LABELS = {
@@ -281,10 +281,12 @@ def main() -> None:
     bench = Bench(root, args.threads, vocab, spin=not args.ort_no_spin)
 
     fxadapt = shlex.split(args.fxadapt)
+    print("fxadapt graphs (compiled now, or cached for this spec and source):", flush=True)
     base_onnx = compile_variant("base", root, fxadapt)
     if isinstance(base_onnx, str):
         sys.exit(f"fxadapt base graph: {base_onnx}")
     bench.add_session("base", base_onnx)
+    print(f"  {'base':<12} {graph_summary(base_onnx)}")
     bench.add_reference("base")
     rows: list[Row] = []
     for variant in args.variants:
@@ -293,6 +295,7 @@ def main() -> None:
         onnx = compile_variant(variant, root, fxadapt)
         missing = onnx if isinstance(onnx, str) else ""
         if not missing:
+            print(f"  {variant:<12} {graph_summary(onnx)}")
             bench.add_session(variant, onnx)
             bench.add_reference(REFERENCE_OF.get(variant, variant))
         rows += [Row(variant, b, s, missing) for b, s in shapes]
