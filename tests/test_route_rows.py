@@ -171,3 +171,18 @@ def test_peft_adapter_names_parity_onnx_at_two_sequence_lengths(tmp_path):
         for key in ("last_hidden_state", "pooler_output"):
             error = abs(torch.from_numpy(outputs[key]) - io[f"{key}_{length}"]).max().item()
             assert error <= 1e-5, (length, key, error)
+
+
+@pytest.mark.slow
+def test_compiled_mixed_families_route_and_verify_at_two_sequence_lengths(tmp_path):
+    """A plain list mixing families: bottleneck children are routed at residual sites, the LoRA child at
+    projections (each row's child is absent at the other family's sites: those rows keep the base output
+    there). compile_model verifies the ONNX model against the unrouted graph at 2x8 and 3x5."""
+    from fxadapt.pipeline import compile_model
+
+    spec = parse_spec({"adapters": {"a": "seq_bn", "b": "lora[r=4,alpha=8]", "c": "seq_bn[reduction_factor=4]"},
+                       "active": {"multi_task": ["a", "b", "c"]}})
+    result = compile_model(str(FIXTURES / "reference" / "models" / "bert"), spec, tmp_path / "out", ("onnx",))
+    assert result.pass_counts["route_rows"] > 0 and result.ok
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["pinned"] == {} and report["not_routed"] == []
