@@ -22,13 +22,13 @@ import sys
 from pathlib import Path
 
 import torch
-from fixtures import bottleneck, composition, core, lora_family, mtl_lora, prefix_reft, union
+from fixtures import bottleneck, composition, composition_unions, core, lora_family, mtl_lora, prefix_reft, union
 from fixtures.common import ARCHS, build_base_model, write_case_json
 
 # The families in the order they are built (each one's cases in table order).
 FAMILIES = {"core": core.CASES, "bottleneck": bottleneck.CASES, "lora_family": lora_family.CASES,
             "prefix_reft": prefix_reft.CASES, "union": union.CASES, "mtl_lora": mtl_lora.CASES,
-            "composition": composition.CASES}
+            "composition": composition.CASES, "composition_unions": composition_unions.CASES}
 
 
 def selected(families: list[str] | None, names: list[str]) -> list[tuple[str, object]]:

@@ -37,6 +37,8 @@ FAST_REFERENCE_CASES = frozenset({
     # composition blocks
     "bert__stack_bn", "bert__parallel_lora", "bert__fuse", "bert__split_bn", "bert__batch_split_lora",
     "bert__average_bn", "bert__multi_task_lora",
+    # a config union (UniPELT: gated prefix, seq_bn and LoRA) in a block
+    "bert__batch_split_unipelt",
 })
 
 

@@ -101,7 +101,8 @@ def test_reft_acts_only_as_the_setups_first_adapter():
      "prefixes of different total lengths [4, 6]"),
     ({"p": "prefix_tuning[prefix_length=4]", "b": "seq_bn"}, {"batch_split": ["p", "b"], "batch_sizes": [1, 1]},
      "prefixes of different total lengths [0, 4]"),
-    ({"p": "prefix_tuning[use_gating=True]", "b": "seq_bn"}, {"stack": ["p", "b"]}, "gated prefix tuning"),
+    ({"p": "prefix_tuning[prefix_length=4,use_gating=True]", "q": "prefix_tuning[prefix_length=6,use_gating=True]"},
+     {"batch_split": ["p", "q"], "batch_sizes": [1, 1]}, "prefixes of different total lengths [4, 6]"),
     ({"r": "loreft", "b": "seq_bn"}, {"parallel": ["r", "b"]}, "a parallel block cannot hold adapter 'r'"),
     ({"p": "prefix_tuning", "b": "seq_bn"}, {"average": ["p", "b"]}, "average block cannot hold adapter 'p'"),
 ])

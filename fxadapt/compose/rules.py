@@ -2,8 +2,9 @@
 definition, Parallel blocks of equal width.
 
 Which blocks may hold which adapter is each method's own knowledge (fxadapt/methods/base.py): its module's
-`BLOCKS` (the reference's `supported_compositions` per layer class) and, where some configs of the method
-cannot compose, `composition_refusal(config)`. Nothing here names a method.
+`BLOCKS` (the reference's `supported_compositions` per layer class), narrowed per config where a method
+declares `blocks_for(config)` (a config union: the blocks all its members join), and, where some configs of
+the method cannot compose, `composition_refusal(config)`. Nothing here names a method.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ def blocks(block: Block) -> list[Block]:
     return found
 
 
-def allowed_blocks(method: Any) -> tuple[str, ...]:
-    """The blocks a method module may join (none when it declares no BLOCKS)."""
+def allowed_blocks(method: Any, config: Any = None) -> tuple[str, ...]:
+    """The blocks a method module may join (none when it declares no BLOCKS); with a config, the blocks that
+    config may join where the method narrows them (`blocks_for`)."""
+    narrowed = getattr(method, "blocks_for", None)
+    if config is not None and narrowed is not None:
+        return tuple(narrowed(config))
     return tuple(getattr(method, "BLOCKS", ()))
 
 
@@ -42,12 +47,15 @@ def check_setup(spec: Any) -> None:
         for name in dict.fromkeys(block.flatten()):
             adapter = spec.adapters[name]
             method = adapter.method.NAME
-            allowed = allowed_blocks(adapter.method)
+            allowed = allowed_blocks(adapter.method, adapter.config)
             if block.kind not in allowed:
+                narrowed = allowed != allowed_blocks(adapter.method)
+                who = "this config composes" if narrowed else f"{method} adapters compose"
+                why = "the blocks all its members join" if narrowed else "the reference's supported compositions"
                 raise UserError(
                     f"{block.path}: a {block.kind} block cannot hold adapter {name!r} ({method}, {adapter.path}); "
-                    f"{method} adapters compose only in {', '.join(allowed) or 'no block'} (the reference's "
-                    "supported compositions). Activate it alone or use another block.")
+                    f"{who} only in {', '.join(allowed) or 'no block'} ({why}). Activate it alone or use another "
+                    "block.")
             reason = refusal(adapter)
             if reason is not None:
                 raise UserError(f"{block.path}: {adapter.path} cannot be composed: {reason}. Activate it alone.")

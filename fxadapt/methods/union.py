@@ -32,8 +32,11 @@ _lookups: dict[str, Callable[..., Any]] = {}
 def use_registry(method_for_name: Callable[..., Any], method_for_config: Callable[..., Any],
                  build_config: Callable[..., Any]) -> None:
     _lookups.update(method_for_name=method_for_name, method_for_config=method_for_config, build_config=build_config)
-# Not composed yet: a block would have to be one all members may join (docs/composition.md).
-BLOCKS: tuple[str, ...] = ()
+
+
+# Every block some member may join; `blocks_for` narrows it to the blocks all of a union's members join (in the
+# reference each member's layer composes the setup by its own supported_compositions, and one that cannot fails).
+BLOCKS: tuple[str, ...] = ("stack", "parallel", "fuse", "split", "batch_split", "average", "multi_task")
 
 
 @dataclass
@@ -85,14 +88,44 @@ def describe_sites(config: Config) -> str:
     return "the sites of its members"
 
 
+def blocks_for(config: Config) -> tuple[str, ...]:
+    """The blocks this union may join: those every member joins (compose/rules.py asks)."""
+    return tuple(b for b in BLOCKS if all(b in _member_blocks(module, member) for module, member in config.members))
+
+
+def _member_blocks(module: ModuleType, member: MethodConfig) -> tuple[str, ...]:
+    narrowed = getattr(module, "blocks_for", None)
+    return tuple(narrowed(member)) if narrowed is not None else tuple(getattr(module, "BLOCKS", ()))
+
+
 def composition_refusal(config: Config) -> str | None:
-    return None  # BLOCKS is empty: compose/rules.py refuses every block
+    """The first member's reason not to compose, naming the member."""
+    for i, (module, member) in enumerate(config.members):
+        check = getattr(module, "composition_refusal", None)
+        reason = check(member) if check is not None else None
+        if reason is not None:
+            return f"its member {i} ({module.NAME}): {reason}"
+    return None
 
 
 def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
-    """Each member's own modules, under the shared adapter name (used once unions join blocks)."""
-    return [item for i, (module, member) in enumerate(config.members)
-            for item in module.site_modules(sites, name, member, f"{path}.configs[{i}]", gm)]
+    """Each member's own modules, under the shared adapter name. A composed site holds one module per adapter
+    name, so two members acting at one site (e.g. LoRA members told apart only by leave_out, or two members
+    with shared tensors) cannot compose."""
+    found: list[SiteModule] = []
+    owner: dict[tuple[str, int], int] = {}
+    for i, (module, member) in enumerate(config.members):
+        for item in module.site_modules(sites, name, member, f"{path}.configs[{i}]", gm):
+            # lower_composition keeps one set of "shared" tensors per adapter name, whatever their index
+            other = owner.setdefault((item.kind, None if item.kind == "shared" else item.index), i)
+            if other != i:
+                where = "have shared tensors" if item.kind == "shared" else \
+                    f"act at the same {item.kind} site ({item.reference_module})"
+                raise UserError(f"{path}: union members {other} and {i} both {where}; fxadapt composes a union only "
+                                "where each site (and the shared tensors) belongs to one member. Activate the union "
+                                "alone, or split it into two adapters.")
+            found.append(item)
+    return found
 
 
 def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path: str) -> Iterator[Placement]:

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from ...attention_sites import AttentionCore, emitter_before, find_attention_cores, pad_mask
 from ...errors import UserError
-from ...graph_edit import add_module
+from ...graph_edit import Emitter, add_module
 from ...graph_ops import ADDMM, aten, is_call
 from ...sites import SiteMap
 from ..activation import make_activation
@@ -177,13 +177,13 @@ def aliases(cores: list[AttentionCore]) -> list[str]:
 def make_group(location: str, members: list[AttentionCore], config: Config) -> PrefixGroup:
     first = members[0]
     cls = FlatPrefixTuning if config.flat else PrefixTuning
-    return freeze(PrefixGroup(location, cls(len(members), first.kv_heads, first.hidden_size, first.head_dim, config)))
+    group = PrefixGroup(location, cls(len(members), first.kv_heads, first.hidden_size, first.head_dim, config))
+    group.config = config  # what a composed site needs (site.py); a union's member config, not the union's
+    return freeze(group)
 
 
 def composition_refusal(config: Config) -> str | None:
-    if config.use_gating:
-        return "gated prefix tuning (UniPELT's gates) composes only alone in fxadapt so far"
-    return None
+    return None  # gated or not, flat or not: every prefix config joins its BLOCKS (site.py)
 
 
 def site_modules(sites: SiteMap, name: str, config: Config, path: str, gm: fx.GraphModule) -> list[SiteModule]:
@@ -203,27 +203,51 @@ def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path:
         for index, reference in enumerate(references):
             yield Placement(adapter, NAME, "attn.prefix", -1, module_path, reference, inserted if index == 0 else 0)
         for core in members if gates else []:
-            yield Placement(adapter, NAME, "attn.prefix_gate", core.layer, gates[core.node][0],
-                            f"{core.module}.prefix_tuning.prefix_gates", 0)
+            yield gate_placement(adapter, core, gates[core.node][0])
 
 
 def _gates(gm: fx.GraphModule, sites: SiteMap, cores: list[AttentionCore], config: Config, adapter: str,
            location: str) -> dict[fx.Node, tuple[str, fx.Node]]:
-    """UniPELT's gate per attention layer: g = mean_seq(sigmoid(W x + b)) on the attention's input x;
-    the prefix keys are scaled by g[:, 0] and the values by g[:, -1] (one gate if shared_gating)."""
-    gates = {}
-    for core in cores:
-        roles = ("xattn.q",) if core.cross else ("attn.q", "attn.qkv")
-        site = next((s for s in sites.linears if s.layer == core.layer and s.role in roles), None)
-        if site is None:
-            raise UserError(f"gated prefix tuning needs the query projection of layer {core.layer} to find the "
-                            "attention's input; none was found.")
-        gate = nn.Linear(core.hidden_size, 1 if config.shared_gating else 2)
-        nn.init.normal_(gate.weight, std=0.02)
-        path = add_module(gm, adapter, f"prefix_gate_L{core.layer}_{location}", freeze(gate))
-        projection = site.nodes[0]
-        gates[core.node] = (path, projection.args[1] if is_call(projection, ADDMM) else projection.args[0])
-    return gates
+    """UniPELT's gate per attention layer (see `gate_scores`), registered per core."""
+    return {core.node: (add_module(gm, adapter, gate_site(core, location), make_gate(core, config)),
+                        gate_input(sites, core)) for core in cores}
+
+
+def gate_site(core: AttentionCore, location: str) -> str:
+    """The gate's site name under `fxadapt.<adapter>` (the same alone and in a composition)."""
+    return f"prefix_gate_L{core.layer}_{location}"
+
+
+def make_gate(core: AttentionCore, config: Config) -> nn.Linear:
+    """The reference's prefix gate: Linear(hidden, 1 if shared_gating else 2), weight ~ N(0, 0.02²)."""
+    gate = nn.Linear(core.hidden_size, 1 if config.shared_gating else 2)
+    nn.init.normal_(gate.weight, std=0.02)
+    return freeze(gate)
+
+
+def gate_placement(adapter: str, core: AttentionCore, module_path: str) -> Placement:
+    """A gate's tensors are the reference's `<attention module>.prefix_tuning.prefix_gates.<adapter>.*`."""
+    return Placement(adapter, NAME, "attn.prefix_gate", core.layer, module_path,
+                     f"{core.module}.prefix_tuning.prefix_gates", 0)
+
+
+def gate_input(sites: SiteMap, core: AttentionCore) -> fx.Node:
+    """The attention's input x (the reference's residual_input): the input of the layer's query projection."""
+    roles = ("xattn.q",) if core.cross else ("attn.q", "attn.qkv")
+    site = next((s for s in sites.linears if s.layer == core.layer and s.role in roles), None)
+    if site is None:
+        raise UserError(f"gated prefix tuning needs the query projection of layer {core.layer} to find the "
+                        "attention's input; none was found.")
+    projection = site.nodes[0]
+    return projection.args[1] if is_call(projection, ADDMM) else projection.args[0]
+
+
+def gate_scores(em: Emitter, gate_path: str, x: fx.Node) -> fx.Node:
+    """g = mean_seq(sigmoid(W x + b)), (batch, 1 or 2): the prefix keys are scaled by g[:, 0], the values by
+    g[:, -1] (one gate for both if shared_gating)."""
+    scores = em.call_module(gate_path, (x,), keep_val=False)
+    scores = em.call_function(aten.sigmoid.default, (scores,), keep_val=False)
+    return em.call_function(aten.mean.dim, (scores, [1]), keep_val=False)
 
 
 def _rewrite(gm: fx.GraphModule, cores: list[AttentionCore], module_path: str, config: Config, adapter: str,
@@ -240,11 +264,9 @@ def _rewrite(gm: fx.GraphModule, cores: list[AttentionCore], module_path: str, c
         here = {**origin, "layer": core.layer}
         gate = None
         if core.node in gates:
-            gate_path, gate_input = gates[core.node]
+            gate_path, x = gates[core.node]
             em = emitter_before(gm, core.key_user[0], here)
-            scores = em.call_module(gate_path, (gate_input,), keep_val=False)
-            scores = em.call_function(aten.sigmoid.default, (scores,), keep_val=False)
-            gate = em.call_function(aten.mean.dim, (scores, [1]), keep_val=False)  # (batch, 1 or 2)
+            gate = gate_scores(em, gate_path, x)
             created += len(em.created)
         for slot, (user, arg) in enumerate((core.key_user, core.value_user)):
             created += _prepend(gm, core, user, arg, pool, 2 * index + slot, here, slot == 0, gate)

@@ -8,9 +8,13 @@ on it, in setup order, each new one in front (the reference's compose_stack prep
     BatchSplit(p, q):   rows [0, n_p): [P_p ; K], the next n_q rows: [P_q ; K]
     mask' = mask with L "attend" entries in front,  L = every row's total prefix length
 
-Adapters of other methods in the setup (Stack(prefix, seq_bn)) act at their own sites. Rows whose prefixes
-differ in total length are refused: the reference pads the shorter ones with pad-token keys that the row
-then attends (PrefixTuningLayer.pad_and_concat), which no single adapter would do.
+A gated prefix (UniPELT, `use_gating`) is scaled per row by its gate on that row's attention input x, as alone:
+g = mean_seq(sigmoid(W_g x + b_g)), keys by g[:, 0], values by g[:, -1] (module.gate_scores); a row's gate
+reads that row's x, so in a Parallel copy i the gate sees copy i's hidden states.
+
+Adapters of other methods in the setup (Stack(prefix, seq_bn)), and a union's other members, act at their own
+sites. Rows whose prefixes differ in total length are refused: the reference pads the shorter ones with
+pad-token keys that the row then attends (PrefixTuningLayer.pad_and_concat), which no single adapter would do.
 """
 
 from __future__ import annotations
@@ -32,28 +36,46 @@ Segment = tuple[int | None, list[int]]  # (rows, or None for all rows of the cop
 
 
 class PrefixSite(nn.Module):
-    """`forward(operand, axis, *prefixes)`: each prefix (kv_heads, P, d) is one adapter's key or value prefix at
-    this core; `copies[i]` lists the row segments of Parallel copy i and which prefixes they take."""
+    """`forward(operand, axis, *prefixes, *gates)`: each prefix (kv_heads, P, d) is one adapter's key or value
+    prefix at this core, and each gated adapter (`gated[i]`) adds its gate column (rows,) after the prefixes;
+    `copies[i]` lists the row segments of Parallel copy i and which prefixes they take."""
 
-    def __init__(self, copies: list[list[Segment]], heads: int, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, copies: list[list[Segment]], heads: int, kv_heads: int, head_dim: int,
+                 gated: list[bool] | None = None) -> None:
         super().__init__()
         self.copies = copies
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.gated = gated or []
 
-    def forward(self, operand: torch.Tensor, axis: int, *prefixes: torch.Tensor) -> torch.Tensor:
+    def forward(self, operand: torch.Tensor, axis: int, *inputs: torch.Tensor) -> torch.Tensor:
+        count = len(inputs) - sum(self.gated)
+        prefixes, gate_columns = inputs[:count], iter(inputs[count:])
+        gates = [next(gate_columns) if i < len(self.gated) and self.gated[i] else None for i in range(count)]
         rows = operand.shape[0] // len(self.copies)
-        parts = []
+        parts, start = [], 0
         for segments in self.copies:
             for size, picks in segments:
-                prefix = torch.cat([prefixes[i] for i in reversed(picks)], dim=1)  # (kv_heads, L, d)
-                if self.heads != self.kv_heads:  # grouped-query attention: repeat like the model's repeat_kv
-                    prefix = prefix.unsqueeze(1).expand(self.kv_heads, self.heads // self.kv_heads, -1, -1)
-                    prefix = prefix.reshape(self.heads, -1, self.head_dim)
-                parts.append(prefix.unsqueeze(0).expand(rows if size is None else size, -1, -1, -1))
+                n = rows if size is None else size
+                if any(gates[i] is not None for i in picks):
+                    # Per row: each gated prefix times its row's gate (the same values as alone), then joined.
+                    parts.append(torch.cat([self._rows(prefixes[i], n, gates[i], start) for i in reversed(picks)],
+                                           dim=2))
+                else:
+                    prefix = torch.cat([prefixes[i] for i in reversed(picks)], dim=1)  # (kv_heads, L, d)
+                    parts.append(self._rows(prefix, n, None, start))
+                start = start + n
         prefix = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         if axis == -1:  # eager attention multiplies by kᵀ
             prefix = prefix.transpose(-1, -2)
         return torch.cat([prefix, operand], dim=axis)
+
+    def _rows(self, prefix: torch.Tensor, n: int, gate: torch.Tensor | None, start) -> torch.Tensor:
+        """(kv_heads, L, d) -> (n, heads, L, d), times gate[start:start + n] per row when gated."""
+        if self.heads != self.kv_heads:  # grouped-query attention: repeat like the model's repeat_kv
+            prefix = prefix.unsqueeze(1).expand(self.kv_heads, self.heads // self.kv_heads, -1, -1)
+            prefix = prefix.reshape(self.heads, -1, self.head_dim)
+        prefix = prefix.unsqueeze(0).expand(n, -1, -1, -1)
+        return prefix if gate is None else prefix * gate[start:start + n].view(-1, 1, 1, 1)
 
 
 def _batch(block: Block) -> int | None:
@@ -94,13 +116,15 @@ def segments(setup: Block | str, present: list[str]) -> list[tuple[int | None, l
 
 def lower_prefix(gm: fx.GraphModule, spec, sites: SiteMap, paths: list, index: int,
                  modules: dict[str, SiteModule], shared: dict) -> tuple[int, list[Placement]]:
-    """One pool call per adapter at this location; per core one PrefixSite for its keys and its values."""
+    """One pool call per adapter at this location, its gates per core; per core one PrefixSite for its keys and
+    one for its values."""
     location = prefix_tuning.LOCATIONS[index]
     cores = prefix_tuning.attention_cores(gm, sites, "$.active")
-    members = {n: prefix_tuning.groups(cores, spec.adapters[n].config, spec.adapters[n].path).get(location, [])
-               for n in modules}
+    # The prefix config travels with its pool (make_group): a union adapter's is its prefix member's.
+    configs = {n: item.module.config for n, item in modules.items()}
+    members = {n: prefix_tuning.groups(cores, configs[n], spec.adapters[n].path).get(location, []) for n in modules}
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    inserted, placements, pools = 0, [], {}
+    inserted, placements, pools, gates = 0, [], {}, {}
     for name, item in modules.items():
         path = add_module(gm, name, f"prefix_{location}", item.module)
         first = min((c.key_user[0] for c in members[name]), key=order.__getitem__)
@@ -109,18 +133,23 @@ def lower_prefix(gm: fx.GraphModule, spec, sites: SiteMap, paths: list, index: i
         inserted += len(em.created)
         placements += [Placement(name, prefix_tuning.NAME, "attn.prefix", -1, path, reference, 0)
                        for reference in prefix_tuning.aliases(cores)]
+        for core in members[name] if configs[name].use_gating else []:
+            gate = prefix_tuning.make_gate(core, configs[name])
+            gate_path = add_module(gm, name, prefix_tuning.gate_site(core, location), gate)
+            gates[(name, core.node)] = (gate_path, prefix_tuning.gate_input(sites, core))
+            placements.append(prefix_tuning.gate_placement(name, core, gate_path))
     masks: dict[tuple, fx.Node] = {}
     for core in cores:
         present = [n for n in modules if any(c.node is core.node for c in members[n])]
         if present:
-            inserted += _lower_core(gm, spec, paths, core, present, members, pools, location, masks)
+            inserted += _lower_core(gm, paths, core, present, configs, members, pools, gates, location, masks)
     return inserted + len(masks), placements
 
 
-def _lower_core(gm: fx.GraphModule, spec, paths: list, core: AttentionCore, present: list[str], members: dict,
-                pools: dict[str, fx.Node], location: str, masks: dict) -> int:
+def _lower_core(gm: fx.GraphModule, paths: list, core: AttentionCore, present: list[str], configs: dict,
+                members: dict, pools: dict[str, fx.Node], gates: dict, location: str, masks: dict) -> int:
     copies = [segments(branch, present) for branch in paths]
-    lengths = {sum(spec.adapters[n].config.prefix_length for n in names) for copy in copies for _, names in copy}
+    lengths = {sum(configs[n].prefix_length for n in names) for copy in copies for _, names in copy}
     if len(lengths) > 1:
         raise UserError(f"$.active: at layer {core.layer}, rows of this setup get prefixes of different total "
                         f"lengths {sorted(lengths)}; fxadapt composes prefix tuning only where every row gets "
@@ -129,17 +158,26 @@ def _lower_core(gm: fx.GraphModule, spec, paths: list, core: AttentionCore, pres
     if length == 0:
         return 0
     picks = [[(size, [present.index(n) for n in names]) for size, names in copy] for copy in copies]
+    gated = [(n, core.node) in gates for n in present]
     origin = _origin(",".join(present), location, core.layer)
     path = add_module(gm, "composition", f"L{core.layer}_{location}", freeze(
-        PrefixSite(picks, core.heads, core.kv_heads, core.head_dim)))
+        PrefixSite(picks, core.heads, core.kv_heads, core.head_dim, gated)))
     created = 0
+    scores = {}
+    if any(gated):  # before both users: the gate scales the keys and the values
+        nodes = list(gm.graph.nodes)
+        em = emitter_before(gm, min(core.key_user[0], core.value_user[0], key=nodes.index), origin)
+        scores = {n: prefix_tuning.gate_scores(em, *gates[(n, core.node)]) for n in present if (n, core.node) in gates}
+        created += len(em.created)
     for slot, ((user, arg), axis) in enumerate(((core.key_user, core.key_axis), (core.value_user, -2))):
         em = emitter_before(gm, user, origin)
         prefixes = []
         for name in present:
             position = next(i for i, c in enumerate(members[name]) if c.node is core.node)
             prefixes.append(em.call_function(aten.select.int, (pools[name], 0, 2 * position + slot), keep_val=False))
-        joined = em.call_module(path, (user.args[arg], axis, *prefixes), keep_val=False)
+        # keys take the gate's column 0, values its last (the same column when shared_gating)
+        columns = [em.call_function(aten.select.int, (scores[n], 1, -slot), keep_val=False) for n in scores]
+        joined = em.call_module(path, (user.args[arg], axis, *prefixes, *columns), keep_val=False)
         user.args = user.args[:arg] + (joined,) + user.args[arg + 1:]
         created += len(em.created)
     return created + prefix_tuning.extend_mask(gm, core, length, origin, masks)
