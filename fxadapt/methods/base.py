@@ -122,6 +122,8 @@ class Method(Protocol):
     Optional declarations, read with getattr where a generic module would otherwise switch on NAME:
     peft_layout(config) -> bool   save_adapter also writes PEFT's layout (lifecycle/saving.py)
     describe_sites(config) -> str the sites it needs, for the "no site" error (passes/insert_adapters.py)
+    blocks_for(config) -> tuple   the blocks this config may join, narrower than BLOCKS (a union: those all its
+                                  members join; compose/rules.py)
     SHARABLE                      tensor names share_parameters ties across a multi-task group (lifecycle/sharing.py)
     LOWERERS                      SiteModule.kind -> (stage, lowerer) for the kinds of site it composes: the
                                   lowerer(gm, spec, sites, paths, index, modules, shared) -> (nodes, placements)
