@@ -92,8 +92,24 @@ def test_routed_equals_unrouted_and_each_row_its_child_alone(model, case):
     assert min((s - base).abs().max().item() for s in singles) > 1e-3  # every child changes the output
 
 
-def test_out_of_range_task_ids_are_a_user_error(model):
-    names = _multi_task(model, CASES["lora"][:2])
+def test_python_api_export_is_routed_and_keeps_the_sequence_dynamic(model):
+    """AdaptedModel.export() of a MultiTask setup runs route_rows; the program takes two sequence lengths."""
+    names = _multi_task(model, CASES["lora_family_mixed"])
+    model.set_active_adapters(MultiTask(*names))
+    program = model.export()
+    assert any(key.startswith("fxadapt.routed.") for key in program.state_dict)
+    for batch, length in ((3, 6), (4, 9)):
+        inputs = model.captured.inputs(batch, length, seed=length)
+        task_ids = torch.tensor([-1, 0, 1, 2][:batch])
+        with torch.no_grad():
+            expected = model(**inputs, task_ids=task_ids).last_hidden_state
+            out = program.module()(**inputs, task_ids=task_ids)
+        assert (out[0] - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["lora", "seq_bn"])
+def test_out_of_range_task_ids_are_a_user_error(model, case):
+    names = _multi_task(model, CASES[case][:2])
     model.set_active_adapters(MultiTask(*names))
     inputs = model.captured.inputs(2, 4, seed=1)
     routed_gm, _ = _routed(model.graph_module)

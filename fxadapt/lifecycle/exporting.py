@@ -72,10 +72,12 @@ def with_head(graph: fx.GraphModule, head: ClassificationHead, input_names: list
 
 def _optimized(lowered: Lowered, merge: bool) -> tuple[fx.GraphModule, dict[str, int]]:
     """pass_list's OPTIMIZE passes (the CLI's), before a head is captured on top of the graph; a setup with
-    AdapterFusion asks for fold_fusion (its Context has no spec to tell)."""
+    AdapterFusion asks for fold_fusion, one with a MultiTask block for route_rows (its Context has no spec to tell)."""
     options = {"merge_lora": merge}
     if any(p.method == FUSION_METHOD for p in lowered.placements):
         options["fold_fusion"] = True
+    if any(n.op == "placeholder" and n.name == "task_ids" for n in lowered.graph.graph.nodes):
+        options["route_rows"] = True  # a MultiTask setup: its sites of single adapters gather per-row weights
     return pass_list.optimize(lowered.graph, pass_list.Context(options=options))
 
 
