@@ -83,7 +83,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_export(args: argparse.Namespace) -> int:
-    from .export.swappable import export_adapter_file
+    from .export.checkpoint_export import export_adapter_file
 
     model_dir = Path(args.model_dir) if args.model_dir else None
     slot = export_adapter_file(Path(args.source), Path(args.output), model_dir, args.slot)

@@ -116,9 +116,11 @@ def verification_shapes(captured: Captured) -> list[tuple[str, dict[str, torch.T
 
 
 def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, example_inputs: dict | None = None,
-          progress: Progress = lambda _: None, snapshot: Callable | None = None, debug: bool | None = None) -> Result:
+          progress: Progress = lambda _: None, snapshot: Callable | None = None, debug: bool | None = None,
+          rewrite: Callable = pass_list.rewrite) -> Result:
     """Capture and rewrite (no export): the GraphModule with adapters, and the reference outputs. In debug mode
-    the graph is run on the example inputs after every rewrite pass."""
+    the graph is run on the example inputs after every rewrite pass. `rewrite`: pass_list.rewrite, or a
+    variant that runs it in parts (export/swappable.py)."""
     timings: dict[str, float] = {}
     stage = _Timer(timings, progress)
     pins = pinned_dims(spec.setup)
@@ -145,7 +147,7 @@ def build(model: torch.nn.Module | str, spec: Spec, task: str | None = None, exa
     # spec compiles to the same bytes; checkpoint weights overwrite the initial values anyway.
     with stage("rewrite", "inserting adapters"), torch.random.fork_rng(devices=[]), _checkpoint_bound(spec, gm):
         torch.manual_seed(INIT_SEED)
-        gm, counts = pass_list.rewrite(gm, context, check)
+        gm, counts = rewrite(gm, context, check)
     # Re-export with the dims the setup pins static and a Parallel's batch bounded.
     captured.dynamic_shapes = setup_dynamic_shapes(captured.dynamic_shapes, spec.setup)
     if pins:
@@ -198,7 +200,9 @@ def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, forma
             raise UserError("--swappable writes a swappable ONNX model: add onnx to --format.")
         # --swappable: every adapter of the spec inserted, unmerged (export/swappable.py); `built` is never swappable
         compiled = swap.swappable_spec(spec) if swappable and built is None else spec
-        result = built if built is not None else build(model, compiled, task=task, progress=progress, debug=debug)
+        rewrite = swap.rewrite if compiled is not spec else pass_list.rewrite
+        result = built if built is not None else build(model, compiled, task=task, progress=progress, debug=debug,
+                                                       rewrite=rewrite)
         shapes = verification_shapes(result.captured)
         if compiled is not spec:  # each adapter compiled alone: its values, and the outputs its adapter file must give
             result.swappable, adapter_references = swap.prepare(

@@ -1,9 +1,9 @@
 """Swappable adapters (issue #12): one ONNX model, one adapter file per adapter, fxadapt.runtime, adapters export.
 
 Fast tests use a hand-made ONNX model (y = x ⊙ w, w an adapter input with a default) and the file format;
-the slow ones compile the tiny reference BERT once with three adapters (a PEFT LoRA of rank 8 written here,
-an AdapterHub LoRA of rank 4 on q/k/v and the FFN, a seq_bn) and compare every adapter file with a compile of
-that adapter alone, in plain ONNX Runtime code and through fxadapt.runtime."""
+the slow ones compile the tiny reference BERT once with four adapters (a PEFT LoRA of rank 8 written here,
+an AdapterHub LoRA of rank 4 on q/k/v and the FFN, a seq_bn and a gated seq_bn) and compare every adapter file
+with a compile of that adapter alone, in plain ONNX Runtime code and through fxadapt.runtime."""
 
 from __future__ import annotations
 
@@ -116,6 +116,7 @@ def test_runtime_refuses_a_model_that_is_not_its_layout(tmp_path):
     ({"p": "prefix_tuning", "b": "seq_bn"}, "not swappable: no prefix"),
     ({"d": "lora[use_dora=True]"}, "DoRA"),
     ({"g": "ia3[use_gating=True]"}, "gated"),
+    ({"s": "seq_bn", "p": "par_bn"}, "handle the residual and LayerNorm differently"),
 ])
 def test_unswappable_methods_are_refused(value, match):
     spec = parse_spec({"adapters": value, "active": next(iter(value))})
@@ -156,7 +157,7 @@ def _peft_rank8(directory: Path) -> Path:
     return directory
 
 
-ADAPTERS = ("peft8", "lora4", "bn")
+ADAPTERS = ("peft8", "lora4", "bn", "bn_gated")  # two bottlenecks at the same residual sites
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,8 @@ def compiled(tmp_path_factory):
     root = tmp_path_factory.mktemp("swappable")
     spec = {"adapters": {"peft8": {"load": str(_peft_rank8(root / "peft8"))},
                          "lora4": {"load": str(CASES / "bert__lora_all" / "adapter")},
-                         "bn": {"load": str(CASES / "bert__seq_bn" / "adapter")}},
+                         "bn": {"load": str(CASES / "bert__seq_bn" / "adapter")},
+                         "bn_gated": {"load": str(CASES / "bert__seq_bn_gating" / "adapter")}},
             "active": "lora4"}
     (root / "spec.json").write_text(json.dumps(spec))
     out = root / "out"

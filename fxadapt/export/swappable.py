@@ -18,9 +18,10 @@ checkpoints that change base weights, composition blocks and fusions in the spec
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +29,25 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from .. import pass_list
 from ..capture import Captured, exportable_masks, flatten_outputs
-from ..checkpoints import adapterhub
-from ..checkpoints import peft as peft_checkpoint
-from ..checkpoints.loading import read_config
+from ..composition import parse_composition
 from ..errors import UserError
-from ..pass_list import OPTIMIZE
-from ..spec import AdapterDef, Spec, load_spec
+from ..pass_list import OPTIMIZE, Check, Context
+from ..spec import AdapterDef, Spec
 from .adapter_files import (
     ADAPTERS_DIR,
-    LAYOUT_FILE,
     SUFFIX,
     Layout,
     Tensor,
-    read_layout,
     write_adapter_file,
     write_layout,
 )
 from .prepare import for_export
 
+STACKED = ("bottleneck",)  # methods whose adapters share residual sites through one Stack (`rewrite`)
+# the fields of a bottleneck config that place it around the residual add and the LayerNorm
+RESIDUAL_LAYOUT = ("original_ln_before", "original_ln_after", "residual_before_ln", "is_parallel")
 KEPT_PASSES = ("eliminate_dead_code",)  # the optimization passes a swappable model runs
 # method NAME -> why its adapters cannot be swapped by values alone
 REFUSED = {
@@ -82,12 +83,54 @@ def swappable_spec(spec: Spec) -> Spec:
             raise UserError(f"{adapter.path}: adapter {name!r} ({adapter.method.NAME}) is not swappable: {reason}. "
                             "Compile it without --swappable, or leave it out of the spec.")
     names = [spec.active[0]] + [n for n in spec.adapters if n != spec.active[0]]
+    _check_residual_layouts(spec, names)
     # No composition block: insert_adapters emits each adapter in turn at its own sites (a Stack would feed one
     # LoRA's update into the next one's input). Optimization passes off but dead-code elimination: merge_lora
     # would bake one adapter into the weights, and passes that fuse adapter modules (fuse_parallel_branches)
     # rename the tensors the adapter files are keyed by.
     optimize = {**spec.optimize, **{step.name: False for step in OPTIMIZE if step.name not in KEPT_PASSES}}
     return Spec(dict(spec.adapters), names, optimize)
+
+
+def rewrite(gm: fx.GraphModule, context: Context, check: Check | None = None) -> tuple[fx.GraphModule, dict[str, int]]:
+    """pass_list.rewrite for a swappable spec, in two parts: every adapter but the bottlenecks inserted in turn at
+    its own sites (several LoRA-family adapters at one projection add up, y + Σ s·B·A·x; a Stack would feed one
+    update into the next one's input), then the bottleneck adapters in one Stack (several at one residual site
+    compose only through their composed site; with the others' up-projections 0 a Stack is exact)."""
+    spec = context.spec
+    assert spec is not None
+    residual = [n for n in spec.active if spec.adapters[n].method.NAME in STACKED]
+    others = [n for n in spec.active if n not in residual]
+    parts = []
+    if len(residual) == 1 or others:
+        parts.append(Spec(spec.adapters, others + residual if len(residual) == 1 else others, spec.optimize))
+    if len(residual) > 1:
+        stack = parse_composition({"stack": residual}, set(residual))
+        parts.append(Spec(spec.adapters, residual, spec.optimize, stack))
+    counts: dict[str, int] = {}
+    placements: list = []
+    for part in parts:
+        gm, done = pass_list.rewrite(gm, replace(context, spec=part), check)
+        placements += gm.meta.get("fxadapt", {}).get("placements", [])
+        for name, count in done.items():
+            counts[name] = counts.get(name, 0) + count
+    gm.meta.setdefault("fxadapt", {})["placements"] = placements
+    return gm, counts
+
+
+def _check_residual_layouts(spec: Spec, names: list[str]) -> None:
+    """Bottleneck adapters share their residual sites through one Stack, and a Stack's LayerNorm handling comes
+    from its first and last adapters: with the others at zero it is exact only where all handle it alike."""
+    layouts = {}
+    for name in names:
+        config = spec.adapters[name].config
+        if spec.adapters[name].method.NAME in STACKED:
+            layouts.setdefault(tuple(getattr(config, f, None) for f in RESIDUAL_LAYOUT), []).append(name)
+    if len(layouts) > 1:
+        groups = "; ".join(f"{', '.join(group)}: {dict(zip(RESIDUAL_LAYOUT, layout, strict=True))}"
+                           for layout, group in layouts.items())
+        raise UserError(f"--swappable: bottleneck adapters that handle the residual and LayerNorm differently ("
+                        f"{groups}) cannot share one swappable model yet; compile one model per group.")
 
 
 def single_spec(spec: Spec, name: str) -> Spec:
@@ -256,6 +299,7 @@ def prepare(gm: fx.GraphModule, captured: Captured, spec: Spec, build_one: Calla
     adapter alone (`build_one`: so a fresh adapter gets the initial values a plain compile gives it) and that
     compile's outputs on `shapes` (what its adapter file must reproduce); `gm` is left holding the active
     adapter's file values, the model's defaults. Returns (plan, {adapter: {shape: outputs}})."""
+    _check_all_act(gm)
     result = plan(gm, spec, captured)
     references = {}
     for name in spec.adapters:
@@ -265,6 +309,23 @@ def prepare(gm: fx.GraphModule, captured: Captured, spec: Spec, build_one: Calla
             references[name] = {shape: flatten_outputs(single(**inputs)) for shape, inputs in shapes}
     load_values(gm, result.file_values(spec.active[0]))
     return result, references
+
+
+def _check_all_act(gm: fx.GraphModule) -> None:
+    """Every adapter's modules must still reach the outputs: two adapters of one family at one site can bypass
+    each other's nodes where only a composition block would combine them."""
+    with warnings.catch_warnings():  # torch's own pytree specs warn about their deprecated LeafSpec on copy
+        warnings.simplefilter("ignore", FutureWarning)
+        live = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # nodes copied, modules shared: which calls are live
+    live.graph.eliminate_dead_code()
+    targets = {n.target for n in live.graph.nodes if n.op in ("call_module", "get_attr")}
+    def used(path: str) -> bool:  # called itself, inside a composed module, or through its own submodules
+        return any(path == t or path.startswith(t + ".") or t.startswith(path + ".") for t in targets)
+
+    idle = sorted({p.adapter for p in gm.meta.get("fxadapt", {}).get("placements", []) if not used(p.module_path)})
+    if idle:
+        raise UserError(f"--swappable: adapter(s) {', '.join(idle)} share their sites with other adapters of their "
+                        "family in a way one swappable model cannot hold yet; compile them into separate models.")
 
 
 def _adopt(plan: Plan, name: str, single: fx.GraphModule) -> None:
@@ -281,83 +342,3 @@ def _adopt(plan: Plan, name: str, single: fx.GraphModule) -> None:
                                    f"of shape {tensor.shape}")
             plan.values[tensor.name] = value
 
-
-def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
-    """An AdapterHub or PEFT checkpoint as the values of an adapter file for `layout`, without the model: its
-    tensors take the place of a compiled adapter of the same method and shapes (`slot`, or the first that fits;
-    one with an equal config first), every other adapter's tensors their identity. Returns (slot, values)."""
-    path = f"adapters export {directory}"
-    method, config = read_config(directory, path)
-    peft = method.NAME == "peft_lora"
-    weights = (peft_checkpoint.read_weights if peft else adapterhub.read_weights)(directory, path)
-    saved = None if peft else adapterhub.read_checkpoint_json(directory, path).get("name")
-    candidates = [n for n, a in layout.adapters.items() if a.get("method") == method.NAME and slot in (None, n)]
-    candidates.sort(key=lambda n: layout.adapters[n].get("config") != config.to_dict())
-    if not candidates:
-        choices = ", ".join(f"{n} ({a.get('method')})" for n, a in layout.adapters.items())
-        raise UserError(f"{path}: the model has no {'adapter ' + repr(slot) + ' of method ' if slot else ''}"
-                        f"{method.NAME} adapter to take this checkpoint's place (its adapters: {choices}); compile it "
-                        "with an adapter of this method and size in the spec.")
-    reasons = []
-    for name in candidates:
-        mapped = _map_weights(weights, layout, name, saved or name, peft)
-        if isinstance(mapped, str):
-            reasons.append(f"{name}: {mapped}")
-            continue
-        values = {t.name: mapped[t.name] if t.adapter == name else t.identity_value() for t in layout.tensors}
-        return name, values
-    raise UserError(f"{path}: the checkpoint fits no adapter of the model ({'; '.join(reasons)}); it was trained "
-                    "with another config or for another model.")
-
-
-def _map_weights(weights: dict[str, torch.Tensor], layout: Layout, name: str, saved: str, peft: bool
-                 ) -> dict[str, np.ndarray] | str:
-    """The checkpoint's tensors under the layout's names for adapter `name`, or why they do not fit."""
-    prefix = layout.base_prefix
-
-    def strip(key: str) -> str:
-        key = key[len(peft_checkpoint.PREFIX):] if peft and key.startswith(peft_checkpoint.PREFIX) else key
-        return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
-
-    stripped = {strip(k): v for k, v in weights.items()}
-    mapped, used = {}, set()
-    for tensor in layout.tensors:
-        if tensor.adapter != name:
-            continue
-        key = strip(f"{tensor.module}.{tensor.key}" if peft else f"{tensor.module}.{saved}.{tensor.key}")
-        value = stripped.get(key)
-        if value is None:
-            return f"lacks {key!r}"
-        if tuple(value.shape) != tensor.shape:
-            return f"{key!r} is {list(value.shape)}, the model's is {list(tensor.shape)}"
-        mapped[tensor.name] = _numpy(value.to(getattr(torch, tensor.dtype)))
-        used.add(key)
-    unused = sorted(set(stripped) - used)
-    if unused:
-        return f"{len(unused)} tensor(s) the model has no place for, e.g. {unused[0]!r}"
-    return mapped
-
-
-def export_adapter_file(source: Path, output: Path, model_dir: Path | None = None, slot: str | None = None) -> str:
-    """`fxadapt adapters export`: the checkpoint in `source` (a directory, or a spec whose active adapter loads
-    one) as `output`, an adapter file for the swappable model in `model_dir` (default: the OUT whose adapters/
-    folder `output` is in). Returns the compiled adapter whose place it takes."""
-    if model_dir is None:
-        if not (output.parent / LAYOUT_FILE).is_file():
-            raise UserError(f"adapters export: say which swappable model {output} is for (--model-dir OUT), or "
-                            f"write it into OUT/{ADAPTERS_DIR}/.")
-        model_dir = output.parent.parent
-    layout = read_layout(model_dir)
-    directory = source
-    if source.is_file():  # a spec: its active adapter's checkpoint
-        spec = load_spec(source)
-        adapter = spec.adapters[spec.active[0]] if len(spec.active) == 1 else None
-        if adapter is None or adapter.load is None:
-            raise UserError(f"adapters export {source}: the spec's \"active\" must be one adapter with {{\"load\": "
-                            "DIR}} (a checkpoint to convert); or pass the checkpoint directory itself.")
-        directory = adapter.load
-    elif not source.is_dir():
-        raise UserError(f"adapters export: {source} is neither a checkpoint directory nor a spec file.")
-    name, values = convert_checkpoint(directory, layout, slot)
-    write_adapter_file(output, layout, values)
-    return name

@@ -1,0 +1,103 @@
+"""`fxadapt adapters export`: a saved AdapterHub or PEFT checkpoint as an adapter file for an existing swappable
+model, from its OUT/adapters/layout.json alone (no model is loaded or rebuilt).
+
+The checkpoint takes the place of a compiled adapter of the same method whose tensors it matches one by one
+(checkpoint key `<module>.<saved name>.<key>` in AdapterHub's layout, `base_model.model.<module>.<key>` in
+PEFT's; the base model prefix optional on both sides, as the loaders do); every other adapter's tensors get their
+identity values (export/swappable.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoints import adapterhub
+from ..checkpoints import peft as peft_checkpoint
+from ..checkpoints.loading import read_config
+from ..errors import UserError
+from ..spec import load_spec
+from .adapter_files import ADAPTERS_DIR, LAYOUT_FILE, Layout, read_layout, write_adapter_file
+
+
+def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
+    """An AdapterHub or PEFT checkpoint as the values of an adapter file for `layout`, without the model: its
+    tensors take the place of a compiled adapter of the same method and shapes (`slot`, or the first that fits;
+    one with an equal config first), every other adapter's tensors their identity. Returns (slot, values)."""
+    path = f"adapters export {directory}"
+    method, config = read_config(directory, path)
+    peft = method.NAME == "peft_lora"
+    weights = (peft_checkpoint.read_weights if peft else adapterhub.read_weights)(directory, path)
+    saved = None if peft else adapterhub.read_checkpoint_json(directory, path).get("name")
+    candidates = [n for n, a in layout.adapters.items() if a.get("method") == method.NAME and slot in (None, n)]
+    candidates.sort(key=lambda n: layout.adapters[n].get("config") != config.to_dict())
+    if not candidates:
+        choices = ", ".join(f"{n} ({a.get('method')})" for n, a in layout.adapters.items())
+        raise UserError(f"{path}: the model has no {'adapter ' + repr(slot) + ' of method ' if slot else ''}"
+                        f"{method.NAME} adapter to take this checkpoint's place (its adapters: {choices}); compile it "
+                        "with an adapter of this method and size in the spec.")
+    reasons = []
+    for name in candidates:
+        mapped = _map_weights(weights, layout, name, saved or name, peft)
+        if isinstance(mapped, str):
+            reasons.append(f"{name}: {mapped}")
+            continue
+        values = {t.name: mapped[t.name] if t.adapter == name else t.identity_value() for t in layout.tensors}
+        return name, values
+    raise UserError(f"{path}: the checkpoint fits no adapter of the model ({'; '.join(reasons)}); it was trained "
+                    "with another config or for another model.")
+
+
+def _map_weights(weights: dict[str, torch.Tensor], layout: Layout, name: str, saved: str, peft: bool
+                 ) -> dict[str, np.ndarray] | str:
+    """The checkpoint's tensors under the layout's names for adapter `name`, or why they do not fit."""
+    prefix = layout.base_prefix
+
+    def strip(key: str) -> str:
+        key = key[len(peft_checkpoint.PREFIX):] if peft and key.startswith(peft_checkpoint.PREFIX) else key
+        return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+
+    stripped = {strip(k): v for k, v in weights.items()}
+    mapped, used = {}, set()
+    for tensor in layout.tensors:
+        if tensor.adapter != name:
+            continue
+        key = strip(f"{tensor.module}.{tensor.key}" if peft else f"{tensor.module}.{saved}.{tensor.key}")
+        value = stripped.get(key)
+        if value is None:
+            return f"lacks {key!r}"
+        if tuple(value.shape) != tensor.shape:
+            return f"{key!r} is {list(value.shape)}, the model's is {list(tensor.shape)}"
+        mapped[tensor.name] = np.ascontiguousarray(value.to(getattr(torch, tensor.dtype)).numpy())
+        used.add(key)
+    unused = sorted(set(stripped) - used)
+    if unused:
+        return f"{len(unused)} tensor(s) the model has no place for, e.g. {unused[0]!r}"
+    return mapped
+
+
+def export_adapter_file(source: Path, output: Path, model_dir: Path | None = None, slot: str | None = None) -> str:
+    """`fxadapt adapters export`: the checkpoint in `source` (a directory, or a spec whose active adapter loads
+    one) as `output`, an adapter file for the swappable model in `model_dir` (default: the OUT whose adapters/
+    folder `output` is in). Returns the compiled adapter whose place it takes."""
+    if model_dir is None:
+        if not (output.parent / LAYOUT_FILE).is_file():
+            raise UserError(f"adapters export: say which swappable model {output} is for (--model-dir OUT), or "
+                            f"write it into OUT/{ADAPTERS_DIR}/.")
+        model_dir = output.parent.parent
+    layout = read_layout(model_dir)
+    directory = source
+    if source.is_file():  # a spec: its active adapter's checkpoint
+        spec = load_spec(source)
+        adapter = spec.adapters[spec.active[0]] if len(spec.active) == 1 else None
+        if adapter is None or adapter.load is None:
+            raise UserError(f"adapters export {source}: the spec's \"active\" must be one adapter with {{\"load\": "
+                            "DIR}} (a checkpoint to convert); or pass the checkpoint directory itself.")
+        directory = adapter.load
+    elif not source.is_dir():
+        raise UserError(f"adapters export: {source} is neither a checkpoint directory nor a spec file.")
+    name, values = convert_checkpoint(directory, layout, slot)
+    write_adapter_file(output, layout, values)
+    return name
