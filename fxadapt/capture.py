@@ -12,6 +12,7 @@ import functools
 import inspect
 import pickle
 import re
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,8 +323,7 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
         batch_dim = Dim("batch", min=1, max=4096)
         shapes = dynamic_shapes or {n: {0: batch_dim} for n in names}
     model.eval()
-    with torch.no_grad():
-        eager = model(**example_inputs)
+    eager = run_own_forward(model, example_inputs, source)
     ep, shapes = export_refining_dims(model, example_inputs, shapes)
     if any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in ep.graph.nodes):
         # autocast / no_grad regions (transformers 4.57's rotary embeddings) are captured as wrapper
@@ -341,6 +341,23 @@ def capture(model: torch.nn.Module | str, example_inputs: dict[str, torch.Tensor
         config=config,
         info={"class": type(model).__name__, "base_model_prefix": getattr(model, "base_model_prefix", "")},
     )
+
+
+def run_own_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor], source: str) -> Any:
+    """The model's own forward on the example inputs; its failure (e.g. Nystromformer's fixed length): UserError."""
+    try:
+        with torch.no_grad():
+            return model(**inputs)
+    except Exception as exc:
+        at = traceback.extract_tb(exc.__traceback__)[-1]
+        raise UserError(
+            f"model {source!r} fails in its own forward on the example inputs fxadapt captures it with ("
+            f"{', '.join(f'{n} {tuple(t.shape)}' for n, t in inputs.items())}"
+            f"{'; the attention mask pads the last row' if 'attention_mask' in inputs else ''}): "
+            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]} (at {Path(at.filename).name}:"
+            f"{at.lineno}, in {at.name}). fxadapt captures and verifies a model at a dynamic batch size and "
+            "sequence length, so it must run at any of them (up to its positions): check its config for a length "
+            "it fixes (e.g. a segment or landmark length), or compile a model that runs at these shapes.") from exc
 
 
 _TRANSPOSES = {torch.ops.aten.t.default, torch.ops.aten.numpy_T.default}

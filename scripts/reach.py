@@ -166,8 +166,9 @@ CAUSES = {
     "funnel": "the sweep's tiny config does not build in this transformers version (not an fxadapt failure)",
     "mobilebert": "torch.export cannot keep the sequence dim dynamic (a constraint it does not explain); a "
                   "static-shape capture is not offered yet",
-    "nystromformer": "the model itself only runs at seq == segment_means_seq_len (its landmark pooling), so "
-                     "the second verification shape fails; it should be a UserError asking for that length",
+    "nystromformer": "the model itself runs only at seq == segment_means_seq_len and without padding (its "
+                     "landmark pooling, in transformers 5.24), so its own forward fails on the example inputs: a "
+                     "UserError naming the model, the failing line and the fixed length to check",
     "jetmoe": "its attention is itself a mixture of experts (routed query and output experts, no per-layer "
               "q/o projection); the site finder reads the rest as cross-attention and finds no residual add",
     "squeezebert": "its projections are 1x1 Conv1d layers, which the site finder does not read as projections",
