@@ -34,7 +34,9 @@ from .names import check_name
 
 SCHEMA_PATH = Path(__file__).with_name("spec_schema.json")
 _TOP_KEYS = {"adapters", "active", "fusions", "optimize", "$schema", "description"}
-_OPTIMIZE_KEYS = {"merge_lora": True}
+# The OPTIMIZE passes a spec may switch off (fxadapt/pass_list.py); each is on by default and only runs where it
+# applies (fold_fusion with fusions, route_rows with a multi_task block, fuse_parallel_branches with merge off).
+_OPTIMIZE_KEYS = {"merge_lora": True, "fold_fusion": True, "fuse_parallel_branches": True, "route_rows": True}
 
 
 @dataclass
