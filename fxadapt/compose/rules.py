@@ -53,7 +53,8 @@ def check_setup(spec: Any) -> None:
                 who = "this config composes" if narrowed else f"{method} adapters compose"
                 why = "the blocks all its members join" if narrowed else "the reference's supported compositions"
                 raise UserError(
-                    f"{block.path}: a {block.kind} block cannot hold adapter {name!r} ({method}, {adapter.path}); "
+                    f"{block.path}: {'an' if block.kind[0] in 'aeiou' else 'a'} {block.kind} block cannot hold adapter "
+                    f"{name!r} ({method}, {adapter.path}); "
                     f"{who} only in {', '.join(allowed) or 'no block'} ({why}). Activate it alone or use another "
                     "block.")
             reason = refusal(adapter)
