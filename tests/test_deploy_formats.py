@@ -150,12 +150,13 @@ def test_optimizer_and_quantizer_keep_adapter_inputs_overridable(compiled, tmp_p
     assert float(np.dot(int8, swapped.ravel()) / np.linalg.norm(int8) / np.linalg.norm(swapped)) > 0.99
 
 
-def _attention_chain(head_split: bool) -> onnx.ModelProto:
-    """Softmax(Q·Kᵀ·c + bias)·V from [B,S,32] projections (head_split) or from ready [B,4,S,8] heads."""
+def _attention_chain(head_split: bool, flat: bool = False) -> onnx.ModelProto:
+    """Softmax(Q·Kᵀ·c + bias)·V from [B,S,32] projections (head_split) or from ready [B,4,S,8] heads, merged
+    back into [B,S,32] or (flat, as GPT-2 before its Gemm) [B·S,32]."""
     names = ["q", "k", "v"]
     shape = ["B", "S", 32] if head_split else ["B", 4, "S", 8]
     nodes, inits = [], [numpy_helper.from_array(np.array([0, 0, 4, 8], np.int64), "heads"),
-                        numpy_helper.from_array(np.array([0, 0, 32], np.int64), "merged"),
+                        numpy_helper.from_array(np.array([-1, 32] if flat else [0, 0, 32], np.int64), "merged"),
                         numpy_helper.from_array(np.array(8 ** -0.5, np.float32), "c")]
     for name in names:
         if head_split:
@@ -177,7 +178,8 @@ def _attention_chain(head_split: bool) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes, "attention", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in names]
         + [helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["B", 1, "S", "S"])],
-        [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["B", "S", 32])], inits, value_info=value_info)
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["BS", 32] if flat else ["B", "S", 32])], inits,
+        value_info=value_info)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -194,9 +196,10 @@ def test_attention_fusion_matches_the_chain_and_leaves_other_chains_alone():
     got = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
     assert np.abs(got - expected).max() < 1e-5
     # Heads that were never split from [B, S, hidden] projections: MultiHeadAttention cannot take them.
-    untouched = _attention_chain(head_split=False)
-    before = [n.op_type for n in untouched.graph.node]
-    assert fuse_attention(untouched) == 0 and [n.op_type for n in untouched.graph.node] == before
+    # Heads merged into [B·S, hidden] (GPT-2's Conv1D): MultiHeadAttention returns [B, S, hidden].
+    for untouched in (_attention_chain(head_split=False), _attention_chain(head_split=True, flat=True)):
+        before = [n.op_type for n in untouched.graph.node]
+        assert fuse_attention(untouched) == 0 and [n.op_type for n in untouched.graph.node] == before
 
 
 def test_ort_optimize_without_onnx_is_a_user_error(tmp_path):

@@ -14,7 +14,8 @@ side, Kᵀ through a 3-D reshape), which none of its patterns match, so it fuses
 
 What is left alone (a rule that does not fire): a Softmax whose chain differs anywhere (another axis, a
 scale that is not a scalar constant, extra consumers of an intermediate, q/k/v not rank-3 before the
-head split, an additive bias that is not rank 4). A fully masked row (attention_mask all zeros) gives
+head split, an additive bias that is not rank 4, heads merged into anything but a known rank-3 [B, S, N·D]:
+GPT-2's Conv1D reshapes them to [B·S, N·D] for its Gemm). A fully masked row (attention_mask all zeros) gives
 the runtime kernel's value, not sdpa's zeros; transformers' mask is finfo.min, not -inf, so such a row is
 a uniform average in both. The pipeline verifies the fused model's outputs on two shapes either way.
 """
@@ -41,7 +42,8 @@ class _Graph:
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
         self.initializers = {i.name: i for i in graph.initializer if i.name not in self.inputs}
-        self.shapes = {v.name: v.type.tensor_type.shape for v in graph.value_info}
+        typed = [*graph.input, *graph.value_info, *graph.output]
+        self.shapes = {v.name: v.type.tensor_type.shape for v in typed if v.type.HasField("tensor_type")}
 
     def node(self, name: str, op: str) -> onnx.NodeProto | None:
         node = self.producer.get(name)
@@ -129,8 +131,8 @@ def _match(g: _Graph, softmax: onnx.NodeProto) -> onnx.NodeProto | None:
         return None
     out_t = g.only_consumer(pv.output[0])
     out_r = g.only_consumer(out_t.output[0]) if out_t is not None and out_t.op_type == "Transpose" else None
-    if out_r is None or _perm(out_t) != [0, 2, 1, 3] or out_r.op_type != "Reshape":
-        return None
+    if out_r is None or _perm(out_t) != [0, 2, 1, 3] or out_r.op_type != "Reshape" or g.rank(out_r.output[0]) != 3:
+        return None  # the heads merged into [B, S, N·D], what MultiHeadAttention returns (GPT-2 flattens to 2-D)
     scores, bias = softmax.input[0], ""
     add = g.node(scores, "Add")
     if add is not None:

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .onnx_attention import fuse_attention
+from .onnx_attention import MS_DOMAIN, fuse_attention
 
 ADAPTER_PREFIX = "fxadapt."  # adapter parameters live under the graph's `fxadapt` submodule
 # Hugging Face model_type -> the optimizer's model type; encoders not named here use its "bert" fusions.
@@ -40,8 +40,7 @@ def optimizer_model_type(config: Any) -> str:
 def optimize_onnx(source: Path, target: Path, config: Any) -> dict[str, Any]:
     """Write the optimized `source` to `target`. Returns {"model_type", "num_heads", "hidden_size",
     "ort_optimize": {fused op: count}, "nodes"}."""
-    import onnx  # heavy, and only the ONNX formats need them
-    from onnxruntime.transformers.optimizer import optimize_model
+    import onnx  # heavy, and only the ONNX formats need it
 
     model = onnx.load(str(source))
     inputs = overridable(model)
@@ -50,25 +49,60 @@ def optimize_onnx(source: Path, target: Path, config: Any) -> dict[str, Any]:
     model_type = optimizer_model_type(config)
     heads = int(getattr(config, "num_attention_heads", 0) or 0) if config is not None else 0
     hidden = int(getattr(config, "hidden_size", 0) or 0) if config is not None else 0
-    logger = logging.getLogger("onnxruntime.transformers")
-    level, logger.level = logger.level, logging.ERROR  # it logs every fusion it tries at WARNING
-    try:
-        optimized = optimize_model(model, model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0)
-    finally:
-        logger.setLevel(level)
-    check_inputs_kept(inputs, optimized.model, "the ONNX Runtime optimizer")
-    optimized.model.graph.initializer.extend(defaults)
-    fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+    optimized, stats, model_type, failures = _optimize(model, model_type, heads, hidden)
+    check_inputs_kept(inputs, optimized, "the ONNX Runtime optimizer")
+    optimized.graph.initializer.extend(defaults)
+    fused = {op: n for op, n in stats.items() if n}
     if attention:
         fused["MultiHeadAttention"] = max(fused.get("MultiHeadAttention", 0), attention)
     tmp = target.with_name(target.name + ".tmp")
     try:
-        onnx.save(optimized.model, str(tmp))
+        onnx.save(optimized, str(tmp))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"model_type": model_type, "num_heads": heads, "hidden_size": hidden, "ort_optimize": fused,
-            "nodes": len(optimized.model.graph.node)}
+    info = {"model_type": model_type, "num_heads": heads, "hidden_size": hidden, "ort_optimize": fused,
+            "nodes": len(optimized.graph.node)}
+    return {**info, "optimizer_failed": failures} if failures else info
+
+
+def _optimize(model: Any, model_type: str, heads: int, hidden: int) -> tuple[Any, dict[str, int], str, list[str]]:
+    """The optimizer's output for `model_type`, else for "bert" (generic fusions), else `model` itself: its
+    model-specific passes assume their own exporter's graph (on GPT-2's dynamo export, gpt2's crashed and bert's
+    wrote a Gemm of a rank-3 input), so a result must load in ONNX Runtime to be taken.
+    Returns (model, fused op counts, the type used or "none", the failures)."""
+    import onnx  # heavy, as above
+    import onnxruntime as ort
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    failures = []
+    logger = logging.getLogger("onnxruntime.transformers")
+    level, logger.level = logger.level, logging.ERROR  # it logs every fusion it tries at WARNING
+    try:
+        for candidate in dict.fromkeys((model_type, "bert")):
+            try:
+                optimized = optimize_model(onnx.ModelProto.FromString(model.SerializeToString()),
+                                           model_type=candidate, num_heads=heads, hidden_size=hidden, opt_level=0)
+                _add_contrib_opset(optimized.model)
+                options = ort.SessionOptions()
+                options.log_severity_level = 3
+                ort.InferenceSession(optimized.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                return optimized.model, optimized.get_fused_operator_statistics(), candidate, failures
+            except Exception as exc:  # any failure of a third-party pass: try the next, report all
+                failures.append(f"{candidate}: {type(exc).__name__}: {str(exc)[:300]}")
+    finally:
+        logger.setLevel(level)
+    return model, {}, "none", failures
+
+
+def _add_contrib_opset(model: Any) -> None:
+    """The optimizer adds com.microsoft ops without declaring their opset where none was there (Llama's
+    SkipSimplifiedLayerNormalization); onnx's shape inference (the quantizer's first step) then refuses them."""
+    import onnx  # heavy, as above
+
+    declared = any(o.domain == MS_DOMAIN for o in model.opset_import)
+    if not declared and any(n.domain == MS_DOMAIN for n in model.graph.node):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def op_counts(model: Any) -> dict[str, int]:
