@@ -266,3 +266,16 @@ def test_swappable_adapter_files_work_on_the_optimized_and_int8_models(tmp_path)
         assert np.dot(int8, plain.ravel()) / np.linalg.norm(int8) / np.linalg.norm(plain) > 0.99, adapter
         outputs[adapter] = plain
     assert np.abs(outputs["a"] - outputs["b"]).max() > 1e-2  # the files switch the adapter in one session
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, attention", [("tiny-distilbert", 2), ("tiny-gpt2", 0), ("tiny-llama", 0)])
+def test_optimized_and_int8_artifacts_verify_beyond_bert(tmp_path, name, attention):
+    """GPT-2 (the gpt2 optimizer crashes on the dynamo export: bert's fusions are used, and its heads are merged
+    for a Gemm, so no attention fuses) and Llama (rotary embeddings: no attention fuses) still verify."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"adapters": {"a": "lora[r=4]"}, "active": "a"}))
+    result = compile_model(f"builtin:{name}", load_spec(spec), tmp_path / "out", ("onnx",), ort_optimize=True,
+                           quantize="int8")
+    assert result.ok and {c.artifact for c in result.checks} >= {"onnx_opt", "onnx_int8"}
+    assert result.artifacts["onnx_opt"]["ort_optimize"].get("MultiHeadAttention", 0) == attention
