@@ -126,11 +126,21 @@ def _check_residual_layouts(spec: Spec, names: list[str]) -> None:
         config = spec.adapters[name].config
         if spec.adapters[name].method.NAME in STACKED:
             layouts.setdefault(tuple(getattr(config, f, None) for f in RESIDUAL_LAYOUT), []).append(name)
+    unions = [n for n in names if any(m.NAME in STACKED for m, _ in getattr(spec.adapters[n].config, "members", []))]
+    if unions and len(unions) + sum(map(len, layouts.values())) > 1:
+        raise UserError(f"--swappable: the config union(s) {', '.join(unions)} hold a bottleneck adapter, which "
+                        "cannot share its residual sites with other bottleneck adapters in one swappable model yet; "
+                        "compile them into separate models.")
     if len(layouts) > 1:
         groups = "; ".join(f"{', '.join(group)}: {dict(zip(RESIDUAL_LAYOUT, layout, strict=True))}"
                            for layout, group in layouts.items())
         raise UserError(f"--swappable: bottleneck adapters that handle the residual and LayerNorm differently ("
                         f"{groups}) cannot share one swappable model yet; compile one model per group.")
+    parallel = [n for layout, group in layouts.items() if layout[RESIDUAL_LAYOUT.index("is_parallel")] for n in group]
+    if parallel and sum(map(len, layouts.values())) > 1:
+        raise UserError(f"--swappable: parallel bottleneck adapters ({', '.join(parallel)}) cannot share their "
+                        "residual sites with other bottleneck adapters in one swappable model yet (a Stack feeds one "
+                        "into the next); compile them into separate models.")
 
 
 def single_spec(spec: Spec, name: str) -> Spec:
