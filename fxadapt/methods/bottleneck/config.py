@@ -12,7 +12,8 @@ from ..base import MethodConfig, require_type
 from . import invertible, phm
 
 NAME = "bottleneck"
-# The reference's BottleneckLayer.supported_compositions, plus multi_task: an fxadapt extension (the reference's BottleneckLayer has none); rows are routed per task (site.py).
+# The reference's BottleneckLayer.supported_compositions, plus multi_task: an fxadapt extension (the
+# reference's BottleneckLayer has none); rows are routed per task (site.py).
 BLOCKS: tuple[str, ...] = ("stack", "fuse", "split", "parallel", "batch_split", "average", "multi_task")
 INITS = ("bert", "mam_adapter", "houlsby")
 
