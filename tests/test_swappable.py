@@ -119,6 +119,7 @@ def test_runtime_refuses_a_model_that_is_not_its_layout(tmp_path):
     ({"s": "seq_bn", "p": "par_bn"}, "handle the residual and LayerNorm differently"),
     ({"u": "lora|seq_bn", "s": "seq_bn"}, "union"),
     ({"p": "par_bn", "q": "par_bn[reduction_factor=4]"}, "parallel bottleneck"),
+    ({"m": "mam", "l": "lora"}, "prefix_tuning member"),
 ])
 def test_unswappable_methods_are_refused(value, match):
     spec = parse_spec({"adapters": value, "active": next(iter(value))})

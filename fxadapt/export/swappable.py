@@ -1,6 +1,6 @@
 """Swappable adapters: one ONNX model whose adapter tensors are graph inputs, and one adapter file per adapter.
 
-    y = f(x; W_base, θ_1, ..., θ_N)        every adapter of the spec inserted at its sites, merge_lora off
+    y = f(x; W_base, θ_1, ..., θ_N)        every adapter of the spec inserted (`rewrite`), merge_lora off
     file_k:  θ_k = adapter k's weights,  θ_j = I_j for j != k     (I_j: values with which adapter j is the identity)
 
 Identity values: zeros (a LoRA / VeRA update B·A x = 0, a bottleneck's up-projection 0, so the adapter adds 0 to
@@ -13,7 +13,8 @@ identity, e.g. a LayerNorm after its residual add, fails there and the compile e
 
 Not swappable (refused with the reason): prefix and prompt tuning (no value of their keys/values is the
 identity: they lengthen the attention), DoRA (its identity magnitude is the projection's row norm), PEFT
-checkpoints that change base weights, composition blocks and fusions in the spec.
+checkpoints that change base weights, composition blocks and fusions in the spec, bottleneck adapters that
+could not share a residual site exactly (`_check_residual_layouts`).
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def refusal(adapter: AdapterDef) -> str | None:
     """Why an adapter cannot be swapped, or None."""
     if adapter.method.NAME in REFUSED:
         return REFUSED[adapter.method.NAME]
+    for member, _ in getattr(adapter.config, "members", []):  # a config union: as its members
+        if member.NAME in REFUSED:
+            return f"its {member.NAME} member: {REFUSED[member.NAME]}"
     if getattr(adapter.config, "composition_mode", "add") == "scale" and getattr(adapter.config, "use_gating", False):
         return "a gated (IA)^3 scale g·l is 1 for no value of l (g depends on the input)"
     if getattr(adapter.config, "use_dora", False):
