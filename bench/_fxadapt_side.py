@@ -1,8 +1,8 @@
 """The fxadapt side of bench/side_by_side.py: a spec per variant pointing at the saved reference
-directories, compiled to ONNX by the `fxadapt` CLI of the main environment (a subprocess: fxadapt is not
-installed in the reference venv), and ONNX Runtime sessions over the results.
+directories, compiled to ONNX (or .pt2, for the GPU mode) by the `fxadapt` CLI of the main environment (a
+subprocess: fxadapt is not installed in the reference venv), and ONNX Runtime sessions over the results.
 
-Compiled graphs are cached in ROOT/onnx/<variant>/ beside the spec they were compiled from and a digest
+Compiled graphs are cached in ROOT/<format>/<variant>/ beside the spec they were compiled from and a digest
 of the compiler's source (`bench_spec.json`); a changed spec, a changed fxadapt (fxadapt/, passes/) or a
 failed compile compiles again on the next run.
 """
@@ -34,6 +34,9 @@ def spec_for(variant: str, root: Path) -> dict[str, Any]:
         return {"adapters": {"zero": "lora[r=8,alpha=16]"}, "active": "zero", "optimize": {"merge_lora": True}}
     if variant == "seq_bn":
         return {"adapters": {"seq_bn": {"load": str(saved / "seq_bn")}}, "active": "seq_bn"}
+    if variant == "peft_lora":  # one PEFT LoRA, unmerged (the GPU mode's "PEFT LoRA" row)
+        return {"adapters": {"t0": {"load": str(root / "peft" / "t0")}}, "active": "t0",
+                "optimize": {"merge_lora": False}}
     if variant in ("lora", "lora_merged"):
         return {"adapters": {"lora": {"load": str(saved / "lora")}}, "active": "lora",
                 "optimize": {"merge_lora": variant == "lora_merged"}}
@@ -50,31 +53,32 @@ def spec_for(variant: str, root: Path) -> dict[str, Any]:
     raise ValueError(f"no spec for variant {variant!r}")
 
 
-def compile_variant(variant: str, root: Path, fxadapt: list[str]) -> Path | str:
-    """The compiled model.onnx of a variant (cached), or why there is none (the CLI's message)."""
+def compile_variant(variant: str, root: Path, fxadapt: list[str], fmt: str = "onnx") -> Path | str:
+    """The compiled model.<fmt> ("onnx" or "pt2") of a variant (cached), or why there is none (the CLI's
+    message)."""
     spec = spec_for(variant, root)
     spec_text = json.dumps(spec, indent=1, sort_keys=True) + "\n"
     key_text = json.dumps({"spec": spec, "fxadapt_source": source_digest()}, indent=1, sort_keys=True) + "\n"
-    out = root / "onnx" / variant
-    if (out / "model.onnx").is_file() and (out / SPEC_COPY).is_file() and (out / SPEC_COPY).read_text() == key_text:
-        return out / "model.onnx"
+    out, artifact = root / fmt / variant, f"model.{fmt}"
+    if (out / artifact).is_file() and (out / SPEC_COPY).is_file() and (out / SPEC_COPY).read_text() == key_text:
+        return out / artifact
     spec_file = root / "specs" / f"{variant}.json"
     spec_file.parent.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(spec_text)
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [*fxadapt, "compile", str(root / "base"), "--spec", str(spec_file), "-o", str(out), "--format", "onnx"]
+    cmd = [*fxadapt, "compile", str(root / "base"), "--spec", str(spec_file), "-o", str(out), "--format", fmt]
     print(f"  compiling {variant}: {' '.join(cmd)}", flush=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except FileNotFoundError:
         return f"{fxadapt[0]!r} not found: run from the main environment's shell or pass --fxadapt"
     # Exit 3: verified above the CLI's --atol, artifacts kept; this script's own parity check judges it.
-    if proc.returncode not in (0, 3) or not (out / "model.onnx").is_file():
+    if proc.returncode not in (0, 3) or not (out / artifact).is_file():
         return f"compile failed (exit {proc.returncode}): {_last_paragraph(proc.stderr or proc.stdout)}"
     if proc.returncode == 3:
         print(f"  note: {variant}: fxadapt's own verification was above its default --atol", flush=True)
     (out / SPEC_COPY).write_text(key_text)
-    return out / "model.onnx"
+    return out / artifact
 
 
 def graph_summary(onnx: Path) -> str:

@@ -14,6 +14,10 @@ subprocess with the main environment's `fxadapt` CLI:
 3. prints the parity (max abs error vs the reference) of every pair and stops if one exceeds 1e-5;
 4. times, interleaved (shuffled round-robin, --reps rounds, median), the reference eager models, the HF base
    model, fxadapt's ONNX sessions and fxadapt's base ONNX, and prints the ratio table (docs/performance.md).
+
+`--device cuda` is the GPU mode (bench/_gpu_side.py; bench/gpu_side_by_side.sh prepares a GPU machine and
+runs it in one call): fxadapt's .pt2 graphs in PyTorch vs the reference eager models, eager and under
+torch.compile, fp16, batch 1 and 32 x 128.
 """
 
 from __future__ import annotations
@@ -32,14 +36,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import adapters
+import _gpu_side
 import numpy as np
-import onnxruntime as ort
-import peft
 import torch
 import transformers
-from _fxadapt_side import REPO, compile_variant, feed_for, graph_summary, run_session, session, source_digest
-from _reference_models import build_all, load_reference, routed_names
+
+try:  # the CPU mode's stack; on a GPU machine it may be missing, and --device cuda reports that per row
+    import adapters
+    import onnxruntime as ort
+    import peft
+    from _fxadapt_side import REPO, compile_variant, feed_for, graph_summary, run_session, session, source_digest
+    from _reference_models import build_all, load_reference, routed_names
+except ImportError as missing_stack:
+    STACK_MISSING = str(missing_stack)
+    REPO = Path(__file__).resolve().parents[1]
+else:
+    STACK_MISSING = ""
 
 LABELS = {
     "seq_bn": "seq_bn",
@@ -94,11 +106,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fxadapt", default="fxadapt", help="the main environment's fxadapt command")
     parser.add_argument("--ort-no-spin", action="store_true",
                         help="ORT session.intra_op.allow_spinning=0 (default SessionOptions spin after each run)")
+    gpu = parser.add_argument_group("GPU mode (--device cuda; cpu-check runs its code on the CPU)")
+    gpu.add_argument("--device", choices=("cpu", "cuda", "cpu-check"), default="cpu",
+                     help="cpu: ONNX Runtime vs eager (default); cuda: .pt2 in PyTorch vs eager, fp16")
+    gpu.add_argument("--batches", default="1,32", help="GPU mode: batch sizes at 128 tokens (default 1,32)")
+    gpu.add_argument("--modes", default="eager,compile", help="GPU mode: eager, compile (torch.compile) or both")
+    gpu.add_argument("--budget-s", type=float, default=480.0,
+                     help="GPU mode: no torch.compile starts after this many seconds; those rows say so")
     args = parser.parse_args()
-    args.variants = [v for v in args.only.split(",") if v] or list(LABELS)
-    unknown = [v for v in args.variants if v not in LABELS]
+    labels = LABELS if args.device == "cpu" else _gpu_side.GPU_LABELS
+    args.variants = [v for v in args.only.split(",") if v] or list(labels)
+    unknown = [v for v in args.variants if v not in labels]
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(LABELS)}")
+        parser.error(f"unknown variants {unknown} for --device {args.device}; choose from {', '.join(labels)}")
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    args.modes = [m for m in args.modes.split(",") if m]
+    if not set(args.modes) <= set(_gpu_side.MODES) or not args.modes:
+        parser.error(f"--modes: a comma list of {', '.join(_gpu_side.MODES)}")
     return args
 
 
@@ -255,7 +279,8 @@ def fxadapt_version() -> str:
     dirty = subprocess.run([*git, "status", "--porcelain", "--", "fxadapt", "passes"], capture_output=True,
                            text=True, check=False)
     commit = head.stdout.strip() or "unknown commit"
-    return f"{commit}{' with local changes' if dirty.stdout.strip() else ''} (source {source_digest()})"
+    digest = "?" if STACK_MISSING else source_digest()
+    return f"{commit}{' with local changes' if dirty.stdout.strip() else ''} (source {digest})"
 
 
 def print_machine(args: argparse.Namespace, size: str) -> None:
@@ -272,6 +297,10 @@ def print_machine(args: argparse.Namespace, size: str) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        sys.exit(_gpu_side.run(args, shlex.split(args.fxadapt), fxadapt_version()))
+    if STACK_MISSING:
+        sys.exit(f"the reference stack is not importable ({STACK_MISSING}): run with /work/refvenv/bin/python")
     root = args.workdir / ("small" if args.small else "bert-base")
     size = "BERT 2 x 128 (--small)" if args.small else "BERT-base 12 x 768 (random init)"
     print_machine(args, size)
