@@ -1,9 +1,10 @@
 """Swappable adapters (issue #12): one ONNX model, one adapter file per adapter, fxadapt.runtime, adapters export.
 
 Fast tests use a hand-made ONNX model (y = x ⊙ w, w an adapter input with a default) and the file format;
-the slow ones compile the tiny reference BERT once with four adapters (a PEFT LoRA of rank 8 written here,
-an AdapterHub LoRA of rank 4 on q/k/v and the FFN, a seq_bn and a gated seq_bn) and compare every adapter file
-with a compile of that adapter alone, in plain ONNX Runtime code and through fxadapt.runtime."""
+the slow ones compile the tiny reference BERT once with seven adapters (a PEFT LoRA of rank 8 written here,
+AdapterHub LoRAs of rank 4 and 8 with other alphas sharing one padded slot, two seq_bn of other sizes and
+scalings sharing one, a gated seq_bn and a DoRA) and compare every adapter file with a compile of that adapter
+alone, in plain ONNX Runtime code and through fxadapt.runtime."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from conftest import REFERENCE
 from fxadapt.cli import main
 from fxadapt.errors import UserError
-from fxadapt.export import swappable
+from fxadapt.export import slots, swappable
 from fxadapt.export.adapter_files import Layout, Tensor, read_adapter_file, write_adapter_file, write_layout
 from fxadapt.runtime import Session
 from fxadapt.spec import parse_spec
@@ -114,11 +115,10 @@ def test_runtime_refuses_a_model_that_is_not_its_layout(tmp_path):
 
 @pytest.mark.parametrize("value, match", [
     ({"p": "prefix_tuning", "b": "seq_bn"}, "not swappable: no prefix"),
-    ({"d": "lora[use_dora=True]"}, "DoRA"),
     ({"g": "ia3[use_gating=True]"}, "gated"),
     ({"s": "seq_bn", "p": "par_bn"}, "handle the residual and LayerNorm differently"),
     ({"u": "lora|seq_bn", "s": "seq_bn"}, "union"),
-    ({"p": "par_bn", "q": "par_bn[reduction_factor=4]"}, "parallel bottleneck"),
+    ({"p": "par_bn", "q": "par_bn[non_linearity='swish']"}, "parallel bottleneck"),
     ({"m": "mam", "l": "lora"}, "prefix_tuning member"),
 ])
 def test_unswappable_methods_are_refused(value, match):
@@ -130,10 +130,63 @@ def test_unswappable_methods_are_refused(value, match):
 def test_swappable_spec_inserts_every_adapter_unmerged():
     spec = parse_spec({"adapters": {"a": "lora", "b": "seq_bn"}, "active": "b"})
     compiled = swappable.swappable_spec(spec)
-    assert compiled.active == ["b", "a"] and compiled.setup is None
+    assert compiled.active == ["bottleneck_slot", "lora_slot"] and compiled.setup is None  # the active one first
     assert compiled.optimize["merge_lora"] is False and compiled.optimize["fuse_parallel_branches"] is False
     with pytest.raises(UserError, match="one adapter"):
         swappable.swappable_spec(parse_spec({"adapters": {"a": "lora", "b": "lora"}, "active": {"stack": ["a", "b"]}}))
+
+
+def test_adapters_of_one_kind_share_one_padded_slot():
+    spec = parse_spec({"adapters": {"a": "lora[r=4,alpha=16]", "b": "lora[r=8,alpha=8]", "c": "lora[r=2,use_dora=True]",
+                                    "s": "seq_bn", "t": "seq_bn[reduction_factor=4,scaling=2.0]",
+                                    "p": "par_bn", "q": "par_bn[reduction_factor=4]",
+                                    "k": {"config": "lora", "attn_matrices": ["k"]}},
+                       "active": "t"})
+    grouped = slots.group(spec)
+    assert grouped.members == {"lora_slot": ["a", "b"], "c": ["c"], "bottleneck_slot": ["s", "t"],
+                               "bottleneck_slot_": ["p", "q"], "lora_slot_": ["k"]}  # other sites: another slot
+    lora, seq = grouped.compiled["lora_slot"].config, grouped.compiled["bottleneck_slot"].config
+    assert (lora.r, lora.scaling) == (8, 1.0) and (seq.reduction_factor, seq.scaling) == (4, 1.0)
+    assert grouped.compiled["c"] is spec.adapters["c"] and grouped.shared == {"lora_slot", "lora_slot_",
+                                                                              "bottleneck_slot", "bottleneck_slot_"}
+    with pytest.raises(UserError, match="differently \\(s, t: .*; p, q: "):  # slots named by their adapters
+        swappable.swappable_spec(spec)
+    compiled = swappable.swappable_spec(parse_spec({"adapters": {"p": "par_bn", "q": "par_bn[reduction_factor=4]"},
+                                                    "active": "q"}))
+    assert compiled.active == ["bottleneck_slot"]  # two par_bn of other sizes: one slot, no Stack
+
+
+def test_pad_is_zeros_at_the_end_and_per_block():
+    a = np.arange(6, dtype="f").reshape(2, 3)
+    assert np.array_equal(slots.pad(a, (3, 4)), [[0, 1, 2, 0], [3, 4, 5, 0], [0, 0, 0, 0]])
+    stacked = np.arange(4, dtype="f").reshape(4, 1)  # a fused q/v LoRA's A: rank 2 per block
+    assert np.array_equal(slots.pad(stacked, (6, 1), blocks=2).ravel(), [0, 1, 0, 2, 3, 0])
+    assert slots.pad(a, (1, 3)) is None  # larger than the slot: refused by the caller
+
+
+class _Replace(torch.nn.Module):
+    """Stands in for a DoRA module: called as (x, y, W, b), composition "replace"."""
+
+    composition = "replace"
+
+    def forward(self, x, y, weight, bias):
+        return y
+
+
+def test_dora_identity_magnitude_is_the_base_weights_row_norm():
+    root = torch.nn.Module()
+    root.weight = torch.nn.Parameter(torch.randn(4, 3))
+    root.dora = _Replace()
+    graph = torch.fx.Graph()
+    x, weight = graph.placeholder("x"), graph.get_attr("weight")
+    y = graph.call_function(torch.nn.functional.linear, (x, weight))
+    graph.output(graph.call_module("dora", (x, y, weight, None)))
+    gm = torch.fx.GraphModule(root, graph)
+    m = slots.identity_value(gm, "dora", root.dora, "m.weight", torch.zeros(4, 1))
+    assert torch.allclose(m.view(-1), torch.linalg.norm(root.weight, dim=1))
+    factor = m.view(-1) / torch.linalg.norm(root.weight + 0, dim=1)  # DoRA's m / ||W + B A|| with B = 0
+    assert torch.allclose(factor, torch.ones(4))
+    assert not slots.identity_value(gm, "dora", root.dora, "lora_B", torch.ones(4, 2)).any()
 
 
 def test_compile_swappable_refusal_exits_2_and_writes_nothing(tmp_path, write_spec, capsys):
@@ -144,23 +197,25 @@ def test_compile_swappable_refusal_exits_2_and_writes_nothing(tmp_path, write_sp
 
 # ---- slow: the tiny BERT with three adapters --------------------------------------------------------------------
 
-def _peft_rank8(directory: Path) -> Path:
+def _peft_rank8(directory: Path, rank: int = 8) -> Path:
     """A PEFT LoRA checkpoint of rank 8 (query, value) with random weights, in PEFT's file layout."""
     directory.mkdir(parents=True)
     config = json.loads((CASES / "bert__peft_lora" / "adapter" / "adapter_config.json").read_text())
-    (directory / "adapter_config.json").write_text(json.dumps({**config, "r": 8, "lora_alpha": 16}))
-    generator = torch.Generator().manual_seed(8)
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "r": rank, "lora_alpha": 2 * rank}))
+    generator = torch.Generator().manual_seed(rank)
     weights = {}
     for layer in range(2):
         for projection in ("query", "value"):
             key = f"base_model.model.encoder.layer.{layer}.attention.self.{projection}"
-            weights[f"{key}.lora_A.weight"] = torch.randn(8, 32, generator=generator) * 0.2
-            weights[f"{key}.lora_B.weight"] = torch.randn(32, 8, generator=generator) * 0.2
+            weights[f"{key}.lora_A.weight"] = torch.randn(rank, 32, generator=generator) * 0.2
+            weights[f"{key}.lora_B.weight"] = torch.randn(32, rank, generator=generator) * 0.2
     save_file(weights, str(directory / "adapter_model.safetensors"))
     return directory
 
 
-ADAPTERS = ("peft8", "lora4", "bn", "bn_gated")  # two bottlenecks at the same residual sites
+ADAPTERS = ("peft8", "lora4", "lora8", "bn", "bn8", "bn_gated", "dora")
+LORA8 = {"config": "lora", "r": 8, "alpha": 8, "attn_matrices": ["q", "k", "v"], "intermediate_lora": True,
+         "output_lora": True, "init_weights": "bert"}  # lora4's sites, another rank and scaling: one slot
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +227,11 @@ def compiled(tmp_path_factory):
     root = tmp_path_factory.mktemp("swappable")
     spec = {"adapters": {"peft8": {"load": str(_peft_rank8(root / "peft8"))},
                          "lora4": {"load": str(CASES / "bert__lora_all" / "adapter")},
+                         "lora8": LORA8,
                          "bn": {"load": str(CASES / "bert__seq_bn" / "adapter")},
-                         "bn_gated": {"load": str(CASES / "bert__seq_bn_gating" / "adapter")}},
+                         "bn8": "seq_bn[reduction_factor=8,scaling=2.0]",
+                         "bn_gated": {"load": str(CASES / "bert__seq_bn_gating" / "adapter")},
+                         "dora": {"config": "lora", "r": 2, "use_dora": True, "init_weights": "bert"}},
             "active": "lora4"}
     (root / "spec.json").write_text(json.dumps(spec))
     out = root / "out"
@@ -208,7 +266,13 @@ def test_each_adapter_file_gives_its_single_compile_in_plain_onnxruntime(compile
     inputs, expected = references["lora4"]  # no adapter file: the spec's active adapter
     assert np.abs(session.run(None, {k: v.numpy() for k, v in inputs.items()})[0] - expected[0]).max() < 1e-5
     layout = json.loads((out / "adapters" / "layout.json").read_text())
-    assert {t["adapter"] for t in layout["tensors"]} == set(ADAPTERS) and layout["active"] == "lora4"
+    assert layout["active"] == "lora4" and set(layout["adapters"]) == set(ADAPTERS)
+    # One padded slot per kind: lora4 and lora8 share rank-8 tensors, bn and bn8 size-4 ones.
+    assert {t["adapter"] for t in layout["tensors"]} == {"peft_lora_slot", "lora_slot", "bottleneck_slot",
+                                                         "bottleneck_slot_", "dora"}
+    shapes = {t["key"]: t["shape"] for t in layout["tensors"] if t["adapter"] == "lora_slot"}
+    assert shapes["lora_A"] == [8, 32] and layout["adapters"]["lora4"]["slot"] == "lora_slot"
+    assert any(t.get("identity_values") for t in layout["tensors"] if t["adapter"] == "dora")  # m = ||W||_row
     report = json.loads((out / "report.json").read_text())
     assert report["artifacts"]["adapters"]["files"]["bn"] == "adapters/bn.onnx_adapter"
     assert all(report["artifacts"][f"onnx+{name}"]["ok"] for name in ADAPTERS)
@@ -235,7 +299,7 @@ def test_wrong_files_for_the_compiled_model_are_refused(compiled, tmp_path):
                    for t in layout.tensors], layout.model_class)  # the same adapters on a hidden size 48 model
     write_adapter_file(tmp_path / "wide.onnx_adapter", wide, {t.name: t.identity_value() for t in wide.tensors})
     (tmp_path / "cut.onnx_adapter").write_bytes((out / "adapters" / "bn.onnx_adapter").read_bytes()[:-100])
-    fewer = Layout([t for t in layout.tensors if t.adapter != "bn"], layout.model_class)  # another adapter set
+    fewer = Layout([t for t in layout.tensors if t.adapter != "bottleneck_slot"], layout.model_class)  # other slots
     write_adapter_file(tmp_path / "fewer.onnx_adapter", fewer, {t.name: t.identity_value() for t in fewer.tensors})
     inputs = references["bn"][0]
     for file in ("wide", "cut", "fewer"):
@@ -260,9 +324,31 @@ def test_adapters_export_round_trip(compiled, tmp_path, capsys):
     inputs, expected = references["bn"]
     got = Session(out).run(inputs, adapter=bn_file)["last_hidden_state"]
     assert np.abs(got - expected[0]).max() < 1e-5
-    # A checkpoint that fits no compiled adapter (the model has no (IA)^3), and one of another size.
+    # A checkpoint that fits no compiled adapter (the model has no (IA)^3), and one of a rank above the slot's.
     assert main(["adapters", "export", str(CASES / "bert__ia3" / "adapter"), "--model-dir", str(out),
                  "-o", str(tmp_path / "ia3.onnx_adapter")]) == 2
-    assert main(["adapters", "export", str(CASES / "bert__peft_lora" / "adapter"), "--model-dir", str(out),
-                 "-o", str(tmp_path / "r4.onnx_adapter")]) == 2
-    assert "fits no adapter" in capsys.readouterr().err and not (tmp_path / "r4.onnx_adapter").exists()
+    assert main(["adapters", "export", str(_peft_rank8(tmp_path / "r16", 16)), "--model-dir", str(out),
+                 "-o", str(tmp_path / "r16.onnx_adapter")]) == 2
+    err = capsys.readouterr().err
+    assert "fits no adapter" in err and "larger than the model's slot [8, 32]" in err
+    assert not (tmp_path / "r16.onnx_adapter").exists()
+
+
+@pytest.mark.slow
+def test_a_smaller_rank_checkpoint_exports_into_the_padded_slot(compiled, tmp_path):
+    """PEFT LoRA r4 (the reference fixture, other alpha) into the model's rank-8 PEFT slot: zero-padded, its
+    scaling folded; the outputs are those of the r4 checkpoint compiled alone."""
+    from fxadapt.capture import flatten_outputs  # heavy (transformers): as in the fixture
+    from fxadapt.pipeline import build
+
+    out, _, references = compiled
+    checkpoint = CASES / "bert__peft_lora" / "adapter"
+    assert main(["adapters", "export", str(checkpoint), "--model-dir", str(out),
+                 "-o", str(tmp_path / "r4.onnx_adapter")]) == 0
+    single = build(BERT, parse_spec({"adapters": {"r4": {"load": str(checkpoint)}}, "active": "r4"}))
+    inputs = references["peft8"][0]
+    with torch.no_grad():
+        expected = flatten_outputs(single.graph(**inputs))[0].numpy()
+    got = Session(out).run(inputs, adapter=tmp_path / "r4.onnx_adapter")["last_hidden_state"]
+    assert np.abs(got - expected).max() < 1e-5
+    assert np.abs(got - references["peft8"][1][0]).max() > 1e-3  # not the compiled r8 adapter

@@ -42,12 +42,22 @@ class Tensor:
     module: str = ""
     key: str = ""
     identity: float = 0.0  # the value every element takes in the files of other adapters
+    # where the identity is not one value (a DoRA magnitude: the base projection's row norms), all of them
+    identity_values: tuple[float, ...] = ()
+    blocks: int = 1  # a padded slot's dimension 0 holds this many blocks, each padded (a fused q/k/v LoRA's A)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "adapter": self.adapter,
+        data = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "adapter": self.adapter,
                 "module": self.module, "key": self.key, "identity": self.identity}
+        if self.identity_values:
+            data["identity_values"] = list(self.identity_values)
+        if self.blocks != 1:
+            data["blocks"] = self.blocks
+        return data
 
     def identity_value(self) -> np.ndarray:
+        if self.identity_values:
+            return np.asarray(self.identity_values, dtype=self.dtype).reshape(self.shape)
         return np.full(self.shape, self.identity, dtype=self.dtype)
 
 
@@ -57,9 +67,15 @@ class Layout:
 
     tensors: list[Tensor]
     model_class: str = ""
-    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"method", "format", "config"}
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"method", "format", "config", "slot"}
     active: str = ""
     base_prefix: str = ""
+    # slot name -> {"method", "config", "shared"}: the tensors a file fills (Tensor.adapter names the slot;
+    # a shared slot is padded, export/slots.py)
+    slots: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def slot_of(self, adapter: str) -> str:
+        return str(self.adapters.get(adapter, {}).get("slot", adapter))
 
     @property
     def digest(self) -> str:
@@ -79,7 +95,7 @@ class Layout:
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "digest": self.digest, "model_version": self.model_version,
                 "model_class": self.model_class, "active": self.active, "base_prefix": self.base_prefix,
-                "adapters": self.adapters, "tensors": [t.to_json() for t in self.tensors]}
+                "adapters": self.adapters, "slots": self.slots, "tensors": [t.to_json() for t in self.tensors]}
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> Layout:
@@ -88,13 +104,14 @@ class Layout:
                             "`fxadapt compile ... --swappable`.")
         try:
             tensors = [Tensor(t["name"], tuple(int(d) for d in t["shape"]), t["dtype"], t.get("adapter", ""),
-                              t.get("module", ""), t.get("key", ""), float(t.get("identity", 0.0)))
+                              t.get("module", ""), t.get("key", ""), float(t.get("identity", 0.0)),
+                              tuple(float(v) for v in t.get("identity_values", ())), int(t.get("blocks", 1)))
                        for t in data["tensors"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{where}: damaged layout file ({type(exc).__name__}: {exc}); compile the model "
                             "again.") from None
         layout = cls(tensors, str(data.get("model_class", "")), dict(data.get("adapters", {})),
-                     str(data.get("active", "")), str(data.get("base_prefix", "")))
+                     str(data.get("active", "")), str(data.get("base_prefix", "")), dict(data.get("slots", {})))
         if data.get("digest") != layout.digest:
             raise UserError(f"{where}: the layout's digest does not match its tensors (edited or damaged); "
                             "compile the model again.")
@@ -163,7 +180,8 @@ def read_adapter_file(path: Path, layout: Layout) -> dict[str, np.ndarray]:
         raise UserError(f"adapter file {path} was written for another model or adapter layout (layout id "
                         f"{adapter.get_model_version()}, this model's is {layout.model_version}); convert the "
                         "checkpoint for this model with `fxadapt adapters export DIR --model-dir OUT -o FILE`.")
-    values = {name: value.numpy() for name, value in adapter.get_parameters().items()}
+    # copied: the arrays may view memory the adapter object owns, freed when it goes out of scope
+    values = {name: np.array(value.numpy(), copy=True) for name, value in adapter.get_parameters().items()}
     _check_values(values, layout, str(path))
     return values
 

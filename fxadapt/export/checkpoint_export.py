@@ -1,10 +1,12 @@
 """`fxadapt adapters export`: a saved AdapterHub or PEFT checkpoint as an adapter file for an existing swappable
 model, from its OUT/adapters/layout.json alone (no model is loaded or rebuilt).
 
-The checkpoint takes the place of a compiled adapter of the same method whose tensors it matches one by one
-(checkpoint key `<module>.<saved name>.<key>` in AdapterHub's layout, `base_model.model.<module>.<key>` in
-PEFT's; the base model prefix optional on both sides, as the loaders do); every other adapter's tensors get their
-identity values (export/swappable.py).
+The checkpoint takes the place of a compiled adapter of the same method: it fills that adapter's slot, whose
+tensors it matches one by one (checkpoint key `<module>.<saved name>.<key>` in AdapterHub's layout,
+`base_model.model.<module>.<key>` in PEFT's; the base model prefix optional on both sides, as the loaders do).
+A shared (padded) slot takes a checkpoint of its config at any rank / bottleneck size up to the slot's, on all
+or some of its sites: zero-padded, its scaling folded into B / up, the identity on sites it lacks (export/
+slots.py); a slot of its own takes the same shapes only. Every other slot's tensors get their identity values.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..checkpoints.loading import read_config
 from ..errors import UserError
 from ..spec import load_spec
 from .adapter_files import ADAPTERS_DIR, LAYOUT_FILE, Layout, read_layout, write_adapter_file
+from .slots import KINDS, kind_key, pad, scaling
 
 
 def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
@@ -38,21 +41,34 @@ def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None)
         raise UserError(f"{path}: the model has no {'adapter ' + repr(slot) + ' of method ' if slot else ''}"
                         f"{method.NAME} adapter to take this checkpoint's place (its adapters: {choices}); compile it "
                         "with an adapter of this method and size in the spec.")
-    reasons = []
+    reasons, tried = [], set()
     for name in candidates:
-        mapped = _map_weights(weights, layout, name, saved or name, peft)
+        slot = layout.slot_of(name)
+        if slot in tried:
+            continue
+        tried.add(slot)
+        info = layout.slots.get(slot, {})
+        shared = bool(info.get("shared"))
+        if shared and kind_key(method.NAME, config.to_dict(), False) != kind_key(method.NAME, info["config"], False):
+            reasons.append(f"{name}: the checkpoint's config differs from its slot's in more than rank, size, scaling "
+                           "or sites")
+            continue
+        mapped = _map_weights(weights, layout, slot, saved or name, peft, (method.NAME, config) if shared else None)
         if isinstance(mapped, str):
             reasons.append(f"{name}: {mapped}")
             continue
-        values = {t.name: mapped[t.name] if t.adapter == name else t.identity_value() for t in layout.tensors}
+        values = {t.name: mapped.get(t.name, t.identity_value()) if t.adapter == slot else t.identity_value()
+                  for t in layout.tensors}
         return name, values
     raise UserError(f"{path}: the checkpoint fits no adapter of the model ({'; '.join(reasons)}); it was trained "
-                    "with another config or for another model.")
+                    "with another config or for another model. Compile the model with an adapter of this config "
+                    "and at least this rank / bottleneck size in the spec.")
 
 
-def _map_weights(weights: dict[str, torch.Tensor], layout: Layout, name: str, saved: str, peft: bool
-                 ) -> dict[str, np.ndarray] | str:
-    """The checkpoint's tensors under the layout's names for adapter `name`, or why they do not fit."""
+def _map_weights(weights: dict[str, torch.Tensor], layout: Layout, slot: str, saved: str, peft: bool,
+                 padded: tuple[str, object] | None) -> dict[str, np.ndarray] | str:
+    """The checkpoint's tensors under the layout's names for `slot`, or why they do not fit. `padded`: (method,
+    config) for a shared slot, whose tensors may be larger (zero-padded, scaling folded) or absent (identity)."""
     prefix = layout.base_prefix
 
     def strip(key: str) -> str:
@@ -62,19 +78,33 @@ def _map_weights(weights: dict[str, torch.Tensor], layout: Layout, name: str, sa
     stripped = {strip(k): v for k, v in weights.items()}
     mapped, used = {}, set()
     for tensor in layout.tensors:
-        if tensor.adapter != name:
+        if tensor.adapter != slot:
             continue
         key = strip(f"{tensor.module}.{tensor.key}" if peft else f"{tensor.module}.{saved}.{tensor.key}")
         value = stripped.get(key)
         if value is None:
+            if padded is not None:  # a site of the slot the checkpoint does not adapt: the identity there
+                continue
             return f"lacks {key!r}"
-        if tuple(value.shape) != tensor.shape:
+        array = np.ascontiguousarray(value.to(getattr(torch, tensor.dtype)).numpy())
+        if padded is not None:
+            fitted = pad(array, tensor.shape, tensor.blocks)
+            if fitted is None:
+                return (f"{key!r} is {list(value.shape)}, larger than the model's slot {list(tensor.shape)} (a higher "
+                        "rank or bottleneck size than the model was compiled for)")
+            method, config = padded
+            if tensor.key in KINDS[method].fold:
+                fitted = fitted * np.asarray(scaling(method, config, tensor.module), fitted.dtype)
+            array = fitted
+        elif tuple(value.shape) != tensor.shape:
             return f"{key!r} is {list(value.shape)}, the model's is {list(tensor.shape)}"
-        mapped[tensor.name] = np.ascontiguousarray(value.to(getattr(torch, tensor.dtype)).numpy())
+        mapped[tensor.name] = array
         used.add(key)
     unused = sorted(set(stripped) - used)
     if unused:
         return f"{len(unused)} tensor(s) the model has no place for, e.g. {unused[0]!r}"
+    if not mapped:
+        return "none of its tensors is at the slot's sites"
     return mapped
 
 

@@ -3,18 +3,20 @@
     y = f(x; W_base, θ_1, ..., θ_N)        every adapter of the spec inserted (`rewrite`), merge_lora off
     file_k:  θ_k = adapter k's weights,  θ_j = I_j for j != k     (I_j: values with which adapter j is the identity)
 
-Identity values: zeros (a LoRA / VeRA update B·A x = 0, a bottleneck's up-projection 0, so the adapter adds 0 to
-its residual stream, a ReFT intervention R = W = 0), 1/alpha for (IA)^3's scale vector l. Each adapter keeps its own
-size (no padding), so every file is exact. The graph inputs carry the spec's active adapter as defaults (an ONNX
-initializer named like a graph input is that input's default), so a plain session runs as the spec says;
-ONNX Runtime's `RunOptions.add_active_adapter` replaces them for one run. The compile checks every file: ONNX
-Runtime with file k must give the outputs of a compile of adapter k alone (an adapter whose zeros are not the
-identity, e.g. a LayerNorm after its residual add, fails there and the compile exits 3).
+Adapters of one kind at the same sites share one slot (export/slots.py): compiled once at their largest rank /
+bottleneck size with scaling 1, each file filling it zero-padded with its adapter's scaling folded in, so the
+model's adapter cost grows with the number of kinds, not adapters. Identity values: zeros (a LoRA / VeRA update
+B·A x = 0, a bottleneck's up-projection 0, so the adapter adds 0 to its residual stream, a ReFT intervention
+R = W = 0), 1/alpha for (IA)^3's scale vector l (1 in a shared slot), and for DoRA B = 0 with the magnitude
+m = ||W||_row of the base weight (m / ||W + 0|| ⊙ y = y). The graph inputs carry the spec's active adapter as
+defaults (an ONNX initializer named like a graph input is that input's default), so a plain session runs as the
+spec says; ONNX Runtime's `RunOptions.add_active_adapter` replaces them for one run. The compile checks every
+file: ONNX Runtime with file k must give the outputs of a compile of adapter k alone (an adapter whose zeros are
+not the identity, e.g. a LayerNorm after its residual add, fails there and the compile exits 3).
 
 Not swappable (refused with the reason): prefix and prompt tuning (no value of their keys/values is the
-identity: they lengthen the attention), DoRA (its identity magnitude is the projection's row norm), PEFT
-checkpoints that change base weights, composition blocks and fusions in the spec, bottleneck adapters that
-could not share a residual site exactly (`_check_residual_layouts`).
+identity: they lengthen the attention), PEFT checkpoints that change base weights, composition blocks and
+fusions in the spec, bottleneck adapters that could not share a residual site exactly (`_check_residual_layouts`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .adapter_files import (
     write_layout,
 )
 from .prepare import for_export
+from .slots import KINDS, Slots, fill_value, group, identity_value, pad, scaling
 
 STACKED = ("bottleneck",)  # methods whose adapters share residual sites through one Stack (`rewrite`)
 # the fields of a bottleneck config that place it around the residual add and the LayerNorm
@@ -59,15 +62,17 @@ REFUSED = {
 
 @dataclass
 class Plan:
-    """The adapter tensors of the swappable graph: their layout, every adapter's own values, identity values."""
+    """The adapter tensors of the swappable graph: their layout, every adapter's values for its slot's tensors
+    ({adapter: {tensor: value}}), identity values."""
 
     layout: Layout
-    values: dict[str, torch.Tensor]
+    values: dict[str, dict[str, torch.Tensor]]
     identity: dict[str, torch.Tensor]
 
     def file_values(self, adapter: str) -> dict[str, np.ndarray]:
-        """What the file of `adapter` holds: its own tensors, the identity for every other adapter's."""
-        return {t.name: _numpy(self.values[t.name] if t.adapter == adapter else self.identity[t.name])
+        """What the file of `adapter` holds: its values in its slot's tensors, the identity in every other."""
+        slot, own = self.layout.slot_of(adapter), self.values.get(adapter, {})
+        return {t.name: _numpy(own[t.name] if t.adapter == slot else self.identity[t.name])
                 for t in self.layout.tensors}
 
 
@@ -83,14 +88,17 @@ def swappable_spec(spec: Spec) -> Spec:
         if reason:
             raise UserError(f"{adapter.path}: adapter {name!r} ({adapter.method.NAME}) is not swappable: {reason}. "
                             "Compile it without --swappable, or leave it out of the spec.")
-    names = [spec.active[0]] + [n for n in spec.adapters if n != spec.active[0]]
-    _check_residual_layouts(spec, names)
+    slots = group(spec)
+    first = slots.of[spec.active[0]]
+    names = [first] + [n for n in slots.compiled if n != first]
+    compiled = Spec(slots.compiled, names, spec.optimize)
+    _check_residual_layouts(compiled, names, slots.members)
     # No composition block: insert_adapters emits each adapter in turn at its own sites (a Stack would feed one
     # LoRA's update into the next one's input). Optimization passes off but dead-code elimination: merge_lora
     # would bake one adapter into the weights, and passes that fuse adapter modules (fuse_parallel_branches)
     # rename the tensors the adapter files are keyed by.
     optimize = {**spec.optimize, **{step.name: False for step in OPTIMIZE if step.name not in KEPT_PASSES}}
-    return Spec(dict(spec.adapters), names, optimize)
+    return Spec(slots.compiled, names, optimize)
 
 
 def rewrite(gm: fx.GraphModule, context: Context, check: Check | None = None) -> tuple[fx.GraphModule, dict[str, int]]:
@@ -119,9 +127,14 @@ def rewrite(gm: fx.GraphModule, context: Context, check: Check | None = None) ->
     return gm, counts
 
 
-def _check_residual_layouts(spec: Spec, names: list[str]) -> None:
-    """Bottleneck adapters share their residual sites through one Stack, and a Stack's LayerNorm handling comes
-    from its first and last adapters: with the others at zero it is exact only where all handle it alike."""
+def _check_residual_layouts(spec: Spec, names: list[str], members: dict[str, list[str]]) -> None:
+    """Bottleneck slots share their residual sites through one Stack, and a Stack's LayerNorm handling comes
+    from its first and last adapters: with the others at zero it is exact only where all handle it alike.
+    (`members`: the adapters of each slot, for the messages.)"""
+
+    def shown(slots: list[str]) -> str:
+        return ", ".join(n for slot in slots for n in members.get(slot, [slot]))
+
     layouts = {}
     for name in names:
         config = spec.adapters[name].config
@@ -129,17 +142,17 @@ def _check_residual_layouts(spec: Spec, names: list[str]) -> None:
             layouts.setdefault(tuple(getattr(config, f, None) for f in RESIDUAL_LAYOUT), []).append(name)
     unions = [n for n in names if any(m.NAME in STACKED for m, _ in getattr(spec.adapters[n].config, "members", []))]
     if unions and len(unions) + sum(map(len, layouts.values())) > 1:
-        raise UserError(f"--swappable: the config union(s) {', '.join(unions)} hold a bottleneck adapter, which "
+        raise UserError(f"--swappable: the config union(s) {shown(unions)} hold a bottleneck adapter, which "
                         "cannot share its residual sites with other bottleneck adapters in one swappable model yet; "
                         "compile them into separate models.")
     if len(layouts) > 1:
-        groups = "; ".join(f"{', '.join(group)}: {dict(zip(RESIDUAL_LAYOUT, layout, strict=True))}"
+        groups = "; ".join(f"{shown(group)}: {dict(zip(RESIDUAL_LAYOUT, layout, strict=True))}"
                            for layout, group in layouts.items())
         raise UserError(f"--swappable: bottleneck adapters that handle the residual and LayerNorm differently ("
                         f"{groups}) cannot share one swappable model yet; compile one model per group.")
     parallel = [n for layout, group in layouts.items() if layout[RESIDUAL_LAYOUT.index("is_parallel")] for n in group]
     if parallel and sum(map(len, layouts.values())) > 1:
-        raise UserError(f"--swappable: parallel bottleneck adapters ({', '.join(parallel)}) cannot share their "
+        raise UserError(f"--swappable: parallel bottleneck adapters ({shown(parallel)}) cannot share their "
                         "residual sites with other bottleneck adapters in one swappable model yet (a Stack feeds one "
                         "into the next); compile them into separate models.")
 
@@ -158,47 +171,38 @@ def refusal(adapter: AdapterDef) -> str | None:
             return f"its {member.NAME} member: {REFUSED[member.NAME]}"
     if getattr(adapter.config, "composition_mode", "add") == "scale" and getattr(adapter.config, "use_gating", False):
         return "a gated (IA)^3 scale g·l is 1 for no value of l (g depends on the input)"
-    if getattr(adapter.config, "use_dora", False):
-        return "DoRA's identity magnitude is the adapted projection's row norm (not done yet)"
     return None
 
 
-def plan(gm: fx.GraphModule, spec: Spec, captured: Captured) -> Plan:
-    """Every adapter tensor of the compiled swappable graph, from its placements (in graph order)."""
+def plan(gm: fx.GraphModule, spec: Spec, captured: Captured, slots: Slots) -> Plan:
+    """Every adapter tensor of the compiled swappable graph, from its placements (in graph order); the values
+    are filled per adapter by `prepare`."""
     meta = gm.meta.get("fxadapt", {})
     if meta.get("overridden"):
         raise UserError(f"--swappable: a PEFT checkpoint changes base weights ({meta['overridden'][0]}, its "
                         "`bias` setting); the base model is shared by all adapters, so it is not swappable.")
     tensors: list[Tensor] = []
-    values: dict[str, torch.Tensor] = {}
     identity: dict[str, torch.Tensor] = {}
     for placement in meta.get("placements", []):
         module = gm.get_submodule(placement.module_path)
         for key, tensor in module.state_dict().items():
             name = f"{placement.module_path}.{key}"
-            if name in values:  # a module shared by several placements
+            if name in identity:  # a module shared by several placements
                 continue
-            value = tensor.detach().clone()
-            values[name] = value
-            identity[name] = _identity(module, key, value)
-            tensors.append(Tensor(name, tuple(value.shape), str(_numpy(value).dtype), placement.adapter,
-                                  placement.reference_module, key, _fill(identity[name])))
+            identity[name] = identity_value(gm, placement.module_path, module, key, tensor.detach())
+            fill = fill_value(identity[name])
+            varying = tuple(float(v) for v in identity[name].flatten()) if bool((identity[name] != fill).any()) else ()
+            chunks = getattr(module, "chunks", ()) if key == "lora_A" else ()
+            tensors.append(Tensor(name, tuple(tensor.shape), str(_numpy(tensor).dtype), placement.adapter,
+                                  placement.reference_module, key, fill, varying, max(sum(chunks), 1)))
     adapters = {name: {"method": a.method.NAME, "format": "peft" if a.method.NAME == "peft_lora" else "adapterhub",
-                       "config": a.config.to_dict(), "file": f"{ADAPTERS_DIR}/{name}{SUFFIX}"}
+                       "config": a.config.to_dict(), "file": f"{ADAPTERS_DIR}/{name}{SUFFIX}", "slot": slots.of[name]}
                 for name, a in spec.adapters.items()}
+    slot_info = {slot: {"method": a.method.NAME, "config": a.config.to_dict(), "shared": slot in slots.shared}
+                 for slot, a in slots.compiled.items()}
     layout = Layout(tensors, str(captured.info.get("class", "")), adapters, spec.active[0],
-                    str(captured.info.get("base_model_prefix", "")))
-    return Plan(layout, values, identity)
-
-
-def _identity(module: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
-    if getattr(module, "composition", None) == "scale" and key == "lora_B":
-        return torch.full_like(value, 1.0 / module.scaling)  # (IA)^3: y' = y ⊙ (alpha · l), identity l = 1/alpha
-    return torch.zeros_like(value)
-
-
-def _fill(identity: torch.Tensor) -> float:
-    return float(identity.flatten()[0]) if identity.numel() else 0.0
+                    str(captured.info.get("base_model_prefix", "")), slot_info)
+    return Plan(layout, {}, identity)
 
 
 def load_values(gm: fx.GraphModule, values: dict[str, np.ndarray]) -> None:
@@ -314,11 +318,12 @@ def prepare(gm: fx.GraphModule, captured: Captured, spec: Spec, build_one: Calla
     compile's outputs on `shapes` (what its adapter file must reproduce); `gm` is left holding the active
     adapter's file values, the model's defaults. Returns (plan, {adapter: {shape: outputs}})."""
     _check_all_act(gm)
-    result = plan(gm, spec, captured)
+    slots = group(spec)
+    result = plan(gm, spec, captured, slots)
     references = {}
     for name in spec.adapters:
         single = build_one(single_spec(spec, name))
-        _adopt(result, name, single)
+        _adopt(result, spec.adapters[name], single, slots.of[name] in slots.shared)
         with torch.no_grad():
             references[name] = {shape: flatten_outputs(single(**inputs)) for shape, inputs in shapes}
     load_values(gm, result.file_values(spec.active[0]))
@@ -342,17 +347,25 @@ def _check_all_act(gm: fx.GraphModule) -> None:
                         "family in a way one swappable model cannot hold yet; compile them into separate models.")
 
 
-def _adopt(plan: Plan, name: str, single: fx.GraphModule) -> None:
-    """Take adapter `name`'s values from its own compile: tensors match by checkpoint location (module, key)."""
+def _adopt(plan: Plan, adapter: AdapterDef, single: fx.GraphModule, shared: bool) -> None:
+    """Take the adapter's values from its own compile: tensors match by checkpoint location (module, key); in a
+    shared slot zero-padded to the slot's size, the adapter's scaling folded into its B / up tensors (slots.py)."""
     own = {}
     for placement in single.meta.get("fxadapt", {}).get("placements", []):
         for key, tensor in single.get_submodule(placement.module_path).state_dict().items():
             own[(placement.reference_module, key)] = tensor.detach().clone()
+    method, slot = adapter.method.NAME, plan.layout.slot_of(adapter.name)
+    values = plan.values.setdefault(adapter.name, {})
     for tensor in plan.layout.tensors:
-        if tensor.adapter == name:
-            value = own.get((tensor.module, tensor.key))
-            if value is None or tuple(value.shape) != tensor.shape:
-                raise RuntimeError(f"swappable: adapter {name!r} compiled alone has no {tensor.module}.{tensor.key} "
-                                   f"of shape {tensor.shape}")
-            plan.values[tensor.name] = value
-
+        if tensor.adapter != slot:
+            continue
+        value = own.get((tensor.module, tensor.key))
+        if value is not None and shared:
+            padded = pad(_numpy(value), tensor.shape, tensor.blocks)
+            if padded is not None and tensor.key in KINDS[method].fold:
+                padded = padded * np.asarray(scaling(method, adapter.config, tensor.module), padded.dtype)
+            value = None if padded is None else torch.from_numpy(padded)
+        if value is None or tuple(value.shape) != tensor.shape:
+            raise RuntimeError(f"swappable: adapter {adapter.name!r} compiled alone has no {tensor.module}."
+                               f"{tensor.key} that fits {tensor.shape}")
+        values[tensor.name] = value
