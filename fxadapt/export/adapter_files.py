@@ -200,7 +200,8 @@ def _check_values(values: dict[str, np.ndarray], layout: Layout, where: str) -> 
         if tuple(value.shape) != tensor.shape or str(value.dtype) != tensor.dtype:
             raise UserError(f"adapter file {where}: {name!r} is {str(value.dtype)}{list(value.shape)}, this model "
                             f"needs {tensor.dtype}{list(tensor.shape)}; the file belongs to another model size "
-                            "or config.")
+                            "or config (a rank or bottleneck size above the model's slot needs a model compiled with "
+                            "it; `fxadapt adapters export` pads smaller ones).")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
