@@ -18,13 +18,15 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import REFERENCE
+from fxadapt.checkpoints.loading import read_config
 from fxadapt.cli import main
 from fxadapt.errors import UserError
 from fxadapt.export import slots, swappable
 from fxadapt.export.adapter_files import Layout, Tensor, read_adapter_file, write_adapter_file, write_layout
+from fxadapt.export.checkpoint_export import convert_checkpoint
 from fxadapt.runtime import Session
 from fxadapt.spec import parse_spec
 
@@ -187,6 +189,42 @@ def test_dora_identity_magnitude_is_the_base_weights_row_norm():
     factor = m.view(-1) / torch.linalg.norm(root.weight + 0, dim=1)  # DoRA's m / ||W + B A|| with B = 0
     assert torch.allclose(factor, torch.ones(4))
     assert not slots.identity_value(gm, "dora", root.dora, "lora_B", torch.ones(4, 2)).any()
+
+
+def _peft_slot_layout() -> Layout:
+    """The layout a rank-8 PEFT LoRA slot on query and value of the tiny BERT's two layers gets (written by hand:
+    no compile), filled by adapter `p`."""
+    config = read_config(CASES / "bert__peft_lora" / "adapter", "here")[1].to_dict()
+    slot_config = {**config, "r": 8, "lora_alpha": 8}
+    tensors = []
+    for layer in range(2):
+        for projection in ("query", "value"):
+            module = f"encoder.layer.{layer}.attention.self.{projection}"
+            path = f"peft_lora_slot.{module.replace('.', '_')}"
+            tensors += [Tensor(f"{path}.lora_A.weight", (8, 32), "float32", "peft_lora_slot", module, "lora_A.weight"),
+                        Tensor(f"{path}.lora_B.weight", (32, 8), "float32", "peft_lora_slot", module, "lora_B.weight")]
+    return Layout(tensors, "BertModel", {"p": {"method": "peft_lora", "config": slot_config, "slot": "peft_lora_slot"}},
+                  "p", "", {"peft_lora_slot": {"method": "peft_lora", "config": slot_config, "shared": True}})
+
+
+def test_adapters_export_pads_a_smaller_rank_on_fewer_sites_and_refuses_a_larger_rank(tmp_path):
+    layout = _peft_slot_layout()
+    source = _peft_rank8(tmp_path / "r4", 4)  # rank 4, lora_alpha 8: scaling 2
+    config = json.loads((source / "adapter_config.json").read_text())
+    (source / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["query"]}))
+    weights = load_file(str(source / "adapter_model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".query." in k}, str(source / "adapter_model.safetensors"))
+    slot, values = convert_checkpoint(source, layout)
+    assert slot == "p"
+    key = "base_model.model.encoder.layer.1.attention.self.query"
+    a, b = values["peft_lora_slot.encoder_layer_1_attention_self_query.lora_A.weight"], \
+        values["peft_lora_slot.encoder_layer_1_attention_self_query.lora_B.weight"]
+    assert np.array_equal(a[:4], weights[f"{key}.lora_A.weight"].numpy()) and not a[4:].any()
+    assert np.allclose(b[:, :4], 2 * weights[f"{key}.lora_B.weight"].numpy()) and not b[:, 4:].any()
+    assert np.allclose(b @ a, 2 * (weights[f"{key}.lora_B.weight"] @ weights[f"{key}.lora_A.weight"]).numpy())
+    assert not any(v.any() for n, v in values.items() if "value" in n)  # a site it lacks: the identity
+    with pytest.raises(UserError, match="larger than the model's slot \\[8, 32\\]"):
+        convert_checkpoint(_peft_rank8(tmp_path / "r16", 16), layout)
 
 
 def test_compile_swappable_refusal_exits_2_and_writes_nothing(tmp_path, write_spec, capsys):

@@ -22,7 +22,7 @@ from ..checkpoints.loading import read_config
 from ..errors import UserError
 from ..spec import load_spec
 from .adapter_files import ADAPTERS_DIR, LAYOUT_FILE, Layout, read_layout, write_adapter_file
-from .slots import KINDS, kind_key, pad, scaling
+from .slots import KINDS, differences, pad, scaling
 
 
 def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
@@ -49,9 +49,10 @@ def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None)
         tried.add(slot)
         info = layout.slots.get(slot, {})
         shared = bool(info.get("shared"))
-        if shared and kind_key(method.NAME, config.to_dict(), False) != kind_key(method.NAME, info["config"], False):
-            reasons.append(f"{name}: the checkpoint's config differs from its slot's in more than rank, size, scaling "
-                           "or sites")
+        differ = differences(method.NAME, config.to_dict(), info["config"]) if shared else []
+        if differ:
+            reasons.append(f"{name}: the checkpoint's config differs from its slot's in {', '.join(differ)} (a slot "
+                           "takes other ranks, sizes, scalings and sites only)")
             continue
         mapped = _map_weights(weights, layout, slot, saved or name, peft, (method.NAME, config) if shared else None)
         if isinstance(mapped, str):

@@ -62,11 +62,18 @@ def shareable(adapter: AdapterDef) -> bool:
     return False
 
 
-def kind_key(method: str, config_dict: dict[str, Any], with_sites: bool = True) -> str:
+def kind_key(method: str, config_dict: dict[str, Any]) -> str:
     """The config without the fields adapters of one slot may differ in: equal keys share a slot."""
+    free = KINDS[method].free
+    return json.dumps([method, {k: v for k, v in sorted(config_dict.items()) if k not in free}], default=str)
+
+
+def differences(method: str, config_dict: dict[str, Any], slot_dict: dict[str, Any]) -> list[str]:
+    """The config fields (beyond size, scaling and sites) in which a checkpoint differs from a slot."""
     kind = KINDS[method]
-    dropped = kind.free + (() if with_sites else kind.sites)
-    return json.dumps([method, {k: v for k, v in sorted(config_dict.items()) if k not in dropped}], default=str)
+    keys = (set(config_dict) | set(slot_dict)) - set(kind.free) - set(kind.sites)
+    return sorted(k for k in keys if json.dumps(config_dict.get(k), default=str) != json.dumps(slot_dict.get(k),
+                                                                                                default=str))
 
 
 def scaling(method: str, config: Any, module: str) -> float:
