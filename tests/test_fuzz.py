@@ -127,7 +127,8 @@ def cached_capture():
 
     def capture(model, example_inputs=None, task=None, **pins):
         shapes = tuple(sorted((k, tuple(v.shape)) for k, v in (example_inputs or {}).items()))
-        key = (model if isinstance(model, str) else type(model).__name__, task, tuple(sorted(pins.items())), shapes)
+        # repr: pins may hold dynamic_shapes dicts (multi_task's task_ids dims), which do not hash.
+        key = (model if isinstance(model, str) else type(model).__name__, task, repr(sorted(pins.items())), shapes)
         if key not in cache:
             cache[key] = real(model, example_inputs, task=task, **pins)
         return copy.deepcopy(cache[key])
