@@ -113,7 +113,10 @@ def test_setups_the_methods_cannot_join_are_user_errors(adapters, active, messag
 
 
 @pytest.mark.parametrize("case", ["bert__stack_compacter_inv", "bert__parallel_prefix", "bert__stack_reft",
-                                  "bert__stack_two_parallels"])
+                                  "bert__stack_two_parallels",
+                                  # unions and gated prefix tuning: AdaptedModel binds its own gates too
+                                  pytest.param("bert__batch_split_unipelt", marks=pytest.mark.slow),
+                                  pytest.param("llama__stack_prefix_gated", marks=pytest.mark.slow)])
 def test_new_fixtures_through_the_python_api(case):
     """The same setups through AdaptedModel (the registry's own modules bound into the composed graph)."""
     info, io = load_case(case)

@@ -12,11 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fxadapt
-from conftest import REFERENCE, load_case
 from fxadapt.capture import flatten_outputs
 from fxadapt.errors import UserError
-from fxadapt.lifecycle.base_graph import capture_base
 from fxadapt.methods import union
 from fxadapt.pipeline import build
 from fxadapt.spec import parse_spec
@@ -73,18 +70,3 @@ def test_a_gated_prefix_in_a_one_adapter_stack_is_the_gated_prefix_alone():
     # The gates are N(0, 1) draws, far from sigmoid(.) = 1: a composed site that dropped them would differ.
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", ["bert__batch_split_unipelt", "llama__stack_prefix_gated"])
-def test_union_and_gated_prefix_fixtures_through_the_python_api(case):
-    """AdaptedModel binds its own modules (the gates included) into the composed graph: the same numbers."""
-    info, io = load_case(case)
-    model = fxadapt.AdaptedModel(*capture_base(str(REFERENCE / "models" / info["arch"])))
-    for name, sub in info["adapters"].items():
-        model.load_adapter(REFERENCE / "cases" / case / sub, load_as=name)
-    model.set_active_adapters(fxadapt.blocks.from_json(info["setup"]))
-    with torch.no_grad():
-        out = model(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).last_hidden_state
-    error = (out - io["out.last_hidden_state"]).abs().max().item()
-    assert error <= 1e-5, f"{case}: max abs error {error:.2e} against adapters 1.3.0"

@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from ..capture import dynamic_shapes_for, input_names_for, load_model, make_inputs, sequence_bound
+from ..composition import Block
 from ..errors import UserError
 
 NO_ADAPTER = -1  # a task id that routes its row to the base model (PEFT's "__base__")
@@ -87,3 +88,16 @@ def task_ids_node(gm: fx.GraphModule) -> fx.Node:
         raise UserError("$.active: a multi_task block needs a per-row \"task_ids\" model input; compile with "
                         "task_ids among the inputs.")
     return node
+
+
+def routable_children(branches: list, multi_task: bool) -> list[str] | str:
+    """The children of a composed site's multi_task block when the site is that one block of single adapters
+    (what route_rows stacks), else why the site is left alone."""
+    if not multi_task or len(branches) != 1:
+        return "not a lone multi_task block (a Parallel replicates its rows)"
+    block = branches[0]
+    if not isinstance(block, Block) or block.kind != "multi_task":
+        return "the multi_task block is nested in another block"
+    if not all(isinstance(c, str) for c in block.children):
+        return "a child of the multi_task block is a block, not a single adapter"
+    return list(block.children)

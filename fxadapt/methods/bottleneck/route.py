@@ -23,8 +23,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from ...compose.task_inputs import check_task_ids, route_index
-from ...composition import Block
+from ...compose.task_inputs import check_task_ids, routable_children, route_index
 from .module import Bottleneck
 from .phm import PHMLayer
 from .site import BottleneckSite
@@ -71,13 +70,9 @@ class RoutedBottleneck(nn.Module):
 def route_residual(gm: fx.GraphModule, node: fx.Node, site: nn.Module) -> tuple[nn.Module, tuple] | str:
     """(RoutedBottleneck, its call's args) replacing one BottleneckSite call `node`, or why the site is left alone."""
     assert isinstance(site, BottleneckSite)
-    if not getattr(site, "multi_task", False) or len(site.branches) != 1:
-        return "not a lone multi_task block (a Parallel replicates its rows)"
-    block = site.branches[0]
-    if not isinstance(block, Block) or block.kind != "multi_task":
-        return "the multi_task block is nested in another block"
-    if not all(isinstance(c, str) for c in block.children):
-        return "a child of the multi_task block is a block, not a single adapter"
+    children = routable_children(site.branches, getattr(site, "multi_task", False))
+    if isinstance(children, str):
+        return children
     h, x, ln_weight, ln_bias, *shared_nodes, task_ids = node.args
     shared: dict[str, dict[str, torch.Tensor]] = {}
     for (adapter, tensor), arg in zip(site.shared_layout, shared_nodes, strict=True):
@@ -85,7 +80,7 @@ def route_residual(gm: fx.GraphModule, node: fx.Node, site: nn.Module) -> tuple[
         if value is None:
             return f"adapter {adapter!r}'s shared PHM tensor {tensor} is not a stored tensor"
         shared.setdefault(adapter, {})[tensor] = value
-    present = [n for n in block.children if n in site.adapters]
+    present = [n for n in children if n in site.adapters]
     if not present:
         return "no child of the multi_task block acts at this site"
     modules = {n: site.adapters[n] for n in present}
@@ -95,9 +90,9 @@ def route_residual(gm: fx.GraphModule, node: fx.Node, site: nn.Module) -> tuple[
     first = modules[present[0]]
     with torch.no_grad():
         dense = {n: _dense(m, shared.get(n, {})) for n, m in modules.items()}
-    stacks = _stack(list(block.children), dense)
+    stacks = _stack(children, dense)
     flags = {k: getattr(first, k) for k in FLAGS}
-    routed = RoutedBottleneck(list(block.children), flags, copy.deepcopy(first.adapter_down[-1]), stacks,
+    routed = RoutedBottleneck(children, flags, copy.deepcopy(first.adapter_down[-1]), stacks,
                               site.norm, str(node.target))
     return routed, (h, x, ln_weight, ln_bias, task_ids)
 

@@ -27,8 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import fx, nn
 
-from ...compose.task_inputs import check_task_ids, route_index
-from ...composition import Block
+from ...compose.task_inputs import check_task_ids, routable_children, route_index
 from .dora import DoRA, oriented, row_norm
 from .ia3 import IA3
 from .module import LoRA
@@ -133,7 +132,7 @@ class RoutedLinear(nn.Module):
 def route_linear(gm: fx.GraphModule, node: fx.Node, site: nn.Module) -> tuple[nn.Module, tuple] | str:
     """(RoutedLinear, its call's args) replacing one LoRASite call `node`, or why the site is left alone."""
     assert isinstance(site, LoRASite)
-    children = _children(site)
+    children = routable_children(site.branches, site.multi_task)
     if isinstance(children, str):
         return children
     x, y, task_ids, *rest = node.args
@@ -158,18 +157,6 @@ def route_linear(gm: fx.GraphModule, node: fx.Node, site: nn.Module) -> tuple[nn
     if not found:
         return "no child of the multi_task block acts at this projection"
     return RoutedLinear(children, *_stack(children, found), where=str(node.target)), (x, y, task_ids)
-
-
-def _children(site: LoRASite) -> list[str] | str:
-    """The multi_task block's children when the site is one block of single adapters, else why not."""
-    if not site.multi_task or len(site.branches) != 1:
-        return "not a lone multi_task block (a Parallel replicates its rows)"
-    block = site.branches[0]
-    if not isinstance(block, Block) or block.kind != "multi_task":
-        return "the multi_task block is nested in another block"
-    if not all(isinstance(c, str) for c in block.children):
-        return "a child of the multi_task block is a block, not a single adapter"
-    return list(block.children)
 
 
 def _stack(children: list[str], found: dict[str, Terms]) -> tuple:
