@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import fx, nn
 
 from . import meta
@@ -87,3 +88,13 @@ def shared_attrs(gm: fx.GraphModule, targets: tuple[str, ...], origin: dict) -> 
         created.append(node)
         last = node
     return tuple(created)
+
+
+def stored_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    """The (detached) tensor a get_attr node reads, or None for anything else (a computed value, a constant)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value.detach()

@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ...compose.task_inputs import check_task_ids, routable_children, route_index
+from ...graph_edit import stored_tensor
 from .module import Bottleneck
 from .phm import PHMLayer
 from .site import BottleneckSite
@@ -76,7 +77,7 @@ def route_residual(gm: fx.GraphModule, node: fx.Node, site: nn.Module) -> tuple[
     h, x, ln_weight, ln_bias, *shared_nodes, task_ids = node.args
     shared: dict[str, dict[str, torch.Tensor]] = {}
     for (adapter, tensor), arg in zip(site.shared_layout, shared_nodes, strict=True):
-        value = _value(gm, arg)
+        value = stored_tensor(gm, arg)
         if value is None:
             return f"adapter {adapter!r}'s shared PHM tensor {tensor} is not a stored tensor"
         shared.setdefault(adapter, {})[tensor] = value
@@ -165,12 +166,3 @@ def _stack(children: list[str], dense: dict[str, tuple[torch.Tensor, ...]]) -> d
         stacks["up_bias"][k] = up_b
         stacks["acts"][k] = True
     return stacks
-
-
-def _value(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value.detach()

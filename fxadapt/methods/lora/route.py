@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from ...compose.task_inputs import check_task_ids, routable_children, route_index
+from ...graph_edit import stored_tensor
 from .dora import DoRA, oriented, row_norm
 from .ia3 import IA3
 from .module import LoRA
@@ -137,12 +138,13 @@ def route_linear(gm: fx.GraphModule, node: fx.Node, site: nn.Module) -> tuple[nn
         return children
     x, y, task_ids, *rest = node.args
     weight, bias = (rest.pop(0), rest.pop(0)) if site.needs_weight else (None, None)
-    W, b = _value(gm, weight), _value(gm, bias)  # "replace" modules (DoRA) need W (and PEFT DoRA b) as stored
+    # "replace" modules (DoRA) need W (and PEFT DoRA b) as stored tensors
+    W, b = stored_tensor(gm, weight), stored_tensor(gm, bias)
     if site.needs_weight and (W is None or (bias is not None and b is None)):
         return "the projection's weight or bias is not a stored tensor"
     shared: dict[str, tuple] = {}
     for name, count in site.shared_counts.items():
-        values = tuple(_value(gm, n) for n in rest[:count])
+        values = tuple(stored_tensor(gm, n) for n in rest[:count])
         rest = rest[count:]
         if any(v is None for v in values):
             return f"adapter {name!r}'s shared tensors are not stored tensors"
@@ -183,14 +185,3 @@ def _stack(children: list[str], found: dict[str, Terms]) -> tuple:
             B[k, :, :t.B.shape[1]] = t.B
     return (g if any(t.g is not None for t in found.values()) else None, A if rank else None,
             B if rank else None, c if any(t.c is not None for t in found.values()) else None)
-
-
-def _value(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if node is None:
-        return None
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value.detach()
