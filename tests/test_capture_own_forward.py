@@ -27,6 +27,11 @@ def test_a_model_failing_on_its_own_is_a_user_error_naming_it():
     with pytest.raises(UserError) as info:
         build(_nystromformer(), parse_spec({"adapters": {"a": "seq_bn"}}))
     message = str(info.value)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # transformers 4.x's Nystromformer runs at this shape; torch.export then finds the sequence length fixed
+        # by the config, which capture reports as a UserError naming the model and the dim.
+        assert "could not capture NystromformerModel" in message and "(seq)" in message
+        return
     for part in ("model 'NystromformerModel' fails in its own forward", "input_ids (2, 8)",
                  "modeling_nystromformer.py:", "check its config for a length it fixes"):
         assert part in message
