@@ -53,6 +53,7 @@ def _inputs(batch=3, seq=7, seed=1):
     return {"input_ids": torch.randint(0, 100, (batch, seq), generator=generator), "attention_mask": mask}
 
 
+@pytest.mark.slow  # one BERT compile with --ort-optimize --quantize int8 (~10 s) for these four
 def test_ort_optimize_fuses_attention_and_keeps_outputs_and_adapters(compiled):
     out, result, report = compiled
     entry = report["artifacts"]["onnx_opt"]
@@ -77,6 +78,7 @@ def test_ort_optimize_fuses_attention_and_keeps_outputs_and_adapters(compiled):
     assert (got - plain).abs().max() > 1e-2
 
 
+@pytest.mark.slow  # one BERT compile with --ort-optimize --quantize int8 (~10 s) for these four
 def test_int8_is_reported_by_cosine_and_quantizes_matmuls(compiled):
     out, _, report = compiled
     entry = report["artifacts"]["onnx_int8"]
@@ -95,6 +97,7 @@ def test_quantized_errors_fail_below_the_cosine_tolerance():
     assert not errors[1].ok and abs(errors[1].cosine) < 1e-12
 
 
+@pytest.mark.slow  # one BERT compile with --ort-optimize --quantize int8 (~10 s) for these four
 def test_pt2_loads_in_a_process_that_imports_only_torch(compiled, tmp_path):
     out, result, _ = compiled
     inputs = _inputs(2, 5)
@@ -122,6 +125,7 @@ def _as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.slow  # one BERT compile with --ort-optimize --quantize int8 (~10 s) for these four
 def test_optimizer_and_quantizer_keep_adapter_inputs_overridable(compiled, tmp_path):
     out, result, _ = compiled
     model = onnx.load(str(out / "model.onnx"))
