@@ -48,6 +48,20 @@ def _init_rule(config, *tensors: torch.Tensor, shared: bool) -> None:
                 tensor.normal_(0.0, config.phm_init_range if shared else 0.01)
 
 
+def _add_rule(module: nn.Module, config, shared: bool) -> None:
+    """The PHM rule C [n, n, n] (or its factors C_left [n, n, 1], C_right [n, 1, n]) as parameters of `module`,
+    initialised as the reference does (SharedPHM holds the shared one, a PHMLayer its own)."""
+    n = config.phm_dim
+    learn = bool(config.learn_phm)
+    if config.factorized_phm_rule:
+        module.phm_rule_left = nn.Parameter(torch.empty(n, n, 1), requires_grad=learn)
+        module.phm_rule_right = nn.Parameter(torch.empty(n, 1, n), requires_grad=learn)
+        _init_rule(config, module.phm_rule_left, module.phm_rule_right, shared=shared)
+    else:
+        module.phm_rule = nn.Parameter(torch.empty(n, n, n), requires_grad=learn)
+        _init_rule(config, module.phm_rule, shared=shared)
+
+
 def validate(config, path: str) -> None:
     """PHM options that do not depend on the model (sizes are checked in `check_sizes`)."""
     for key in ("phm_dim", "phm_rank"):
@@ -93,13 +107,7 @@ class SharedPHM(nn.Module):
                     self.register_parameter(f"W_{position}", weight)
                     _init_w(config, weight)
         if config.shared_phm_rule:
-            if config.factorized_phm_rule:
-                self.phm_rule_left = nn.Parameter(torch.empty(n, n, 1), requires_grad=bool(config.learn_phm))
-                self.phm_rule_right = nn.Parameter(torch.empty(n, 1, n), requires_grad=bool(config.learn_phm))
-                _init_rule(config, self.phm_rule_left, self.phm_rule_right, shared=True)
-            else:
-                self.phm_rule = nn.Parameter(torch.empty(n, n, n), requires_grad=bool(config.learn_phm))
-                _init_rule(config, self.phm_rule, shared=True)
+            _add_rule(self, config, shared=True)
 
     @property
     def names(self) -> list[str]:
@@ -118,13 +126,7 @@ class PHMLayer(nn.Module):
         self.factorized_rule = bool(config.factorized_phm_rule)
         self.factorized_w = bool(config.factorized_phm_W)
         if not self.shared_rule:
-            if self.factorized_rule:
-                self.phm_rule_left = nn.Parameter(torch.empty(n, n, 1), requires_grad=bool(config.learn_phm))
-                self.phm_rule_right = nn.Parameter(torch.empty(n, 1, n), requires_grad=bool(config.learn_phm))
-                _init_rule(config, self.phm_rule_left, self.phm_rule_right, shared=False)
-            else:
-                self.phm_rule = nn.Parameter(torch.empty(n, n, n), requires_grad=bool(config.learn_phm))
-                _init_rule(config, self.phm_rule, shared=False)
+            _add_rule(self, config, shared=False)
         if not self.shared_w:
             if self.factorized_w:
                 self.W_left = nn.Parameter(torch.empty(n, in_features // n, config.phm_rank))
