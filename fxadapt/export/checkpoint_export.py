@@ -12,6 +12,7 @@ slots.py); a slot of its own takes the same shapes only. Every other slot's tens
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +21,10 @@ from ..checkpoints import adapterhub
 from ..checkpoints import peft as peft_checkpoint
 from ..checkpoints.loading import read_config
 from ..errors import UserError
+from ..methods.slot_rule import rule_of
 from ..spec import load_spec
 from .adapter_files import ADAPTERS_DIR, LAYOUT_FILE, Layout, read_layout, write_adapter_file
-from .slots import KINDS, differences, pad, scaling
+from .slots import differences, folded, pad
 
 
 def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
@@ -31,7 +33,7 @@ def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None)
     one with an equal config first), every other adapter's tensors their identity. Returns (slot, values)."""
     path = f"adapters export {directory}"
     method, config = read_config(directory, path)
-    peft = method.NAME == "peft_lora"
+    peft = rule_of(method).checkpoint == "peft"  # PEFT's file names and keys, else AdapterHub's
     weights = (peft_checkpoint.read_weights if peft else adapterhub.read_weights)(directory, path)
     saved = None if peft else adapterhub.read_checkpoint_json(directory, path).get("name")
     candidates = [n for n, a in layout.adapters.items() if a.get("method") == method.NAME and slot in (None, n)]
@@ -49,12 +51,12 @@ def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None)
         tried.add(slot)
         info = layout.slots.get(slot, {})
         shared = bool(info.get("shared"))
-        differ = differences(method.NAME, config.to_dict(), info["config"]) if shared else []
+        differ = differences(method, config.to_dict(), info["config"]) if shared else []
         if differ:
             reasons.append(f"{name}: the checkpoint's config differs from its slot's in {', '.join(differ)} (a slot "
                            "takes other ranks, sizes, scalings and sites only)")
             continue
-        mapped = _map_weights(weights, layout, slot, saved or name, peft, (method.NAME, config) if shared else None)
+        mapped = _map_weights(weights, layout, slot, saved or name, peft, (method, config) if shared else None)
         if isinstance(mapped, str):
             reasons.append(f"{name}: {mapped}")
             continue
@@ -67,7 +69,7 @@ def convert_checkpoint(directory: Path, layout: Layout, slot: str | None = None)
 
 
 def _map_weights(weights: dict[str, torch.Tensor], layout: Layout, slot: str, saved: str, peft: bool,
-                 padded: tuple[str, object] | None) -> dict[str, np.ndarray] | str:
+                 padded: tuple[Any, Any] | None) -> dict[str, np.ndarray] | str:
     """The checkpoint's tensors under the layout's names for `slot`, or why they do not fit. `padded`: (method,
     config) for a shared slot, whose tensors may be larger (zero-padded, scaling folded) or absent (identity)."""
     prefix = layout.base_prefix
@@ -94,9 +96,7 @@ def _map_weights(weights: dict[str, torch.Tensor], layout: Layout, slot: str, sa
                 return (f"{key!r} is {list(value.shape)}, larger than the model's slot {list(tensor.shape)} (a higher "
                         "rank or bottleneck size than the model was compiled for)")
             method, config = padded
-            if tensor.key in KINDS[method].fold:
-                fitted = fitted * np.asarray(scaling(method, config, tensor.module), fitted.dtype)
-            array = fitted
+            array = folded(method, config, tensor.module, tensor.key, fitted)
         elif tuple(value.shape) != tensor.shape:
             return f"{key!r} is {list(value.shape)}, the model's is {list(tensor.shape)}"
         mapped[tensor.name] = array

@@ -9,13 +9,15 @@ a padded LoRA rank unit adds 0 (its A row and B column are 0), a padded bottlene
 column is 0). So the model's adapter cost grows with the number of *kinds* of adapters, not adapters, and a
 checkpoint of a smaller rank (or of a subset of the slot's sites) fits an existing slot (`fxadapt adapters
 export`). Adapters a slot cannot pad exactly (DoRA: its row norm is over the unscaled B A; VeRA's shared
-matrices; Compacter's Kronecker factors; ReFT; unions) keep a slot of their own, at their own size.
+matrices; Compacter's Kronecker factors; ReFT; unions) keep a slot of their own, at their own size. Which
+adapters share a slot, the fields they may differ in, the slot's config and the scaling folded: the method's
+SlotRule (`method.SLOT`, methods/slot_rule.py); a method without one keeps a slot of its own.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,81 +25,40 @@ import torch
 from torch import fx, nn
 
 from ..errors import UserError
+from ..methods.slot_rule import rule_of
 from ..spec import AdapterDef, Spec
 
 
-@dataclass(frozen=True)
-class Kind:
-    """How the adapters of one method share a slot: the config fields that may differ between them (`free`:
-    size, scaling, training-only fields; `sites`: where the adapter acts, which an exported checkpoint may
-    cover in part) and the tensors the adapter's scaling is folded into (`fold`, by key)."""
-
-    free: tuple[str, ...]
-    sites: tuple[str, ...]
-    fold: tuple[str, ...]
-
-
-KINDS = {
-    "lora": Kind(("r", "alpha", "dropout", "init_weights", "init_weights_seed"),
-                 ("selfattn_lora", "intermediate_lora", "output_lora", "leave_out", "attn_matrices"), ("lora_B",)),
-    "peft_lora": Kind(("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "task_type"),
-                      ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"),
-                      ("lora_B.weight", "lora_B.bias")),
-    "bottleneck": Kind(("reduction_factor", "scaling", "dropout", "init_weights", "init_weights_seed",
-                        "stochastic_depth"), ("mh_adapter", "output_adapter", "leave_out"),
-                       ("adapter_up.weight", "adapter_up.bias")),
-}
-
-
 def shareable(adapter: AdapterDef) -> bool:
-    """Whether the adapter can fill a padded slot exactly (see the module docstring)."""
-    config, name = adapter.config, adapter.method.NAME
-    if name == "lora":
-        return config.variant in ("lora", "ia3")
-    if name == "peft_lora":
-        return not config.use_dora
-    if name == "bottleneck":
-        return (not config.phm_layer and config.inv_adapter is None and not isinstance(config.reduction_factor, dict)
-                and not isinstance(config.scaling, str))
-    return False
+    """Whether the adapter can fill a padded slot exactly (its method's SlotRule decides)."""
+    return rule_of(adapter.method).shareable(adapter.config)
 
 
-def kind_key(method: str, config_dict: dict[str, Any]) -> str:
+def kind_key(method: Any, config_dict: dict[str, Any]) -> str:
     """The config without the fields adapters of one slot may differ in: equal keys share a slot."""
-    free = KINDS[method].free
-    return json.dumps([method, {k: v for k, v in sorted(config_dict.items()) if k not in free}], default=str)
+    free = rule_of(method).free
+    return json.dumps([method.NAME, {k: v for k, v in sorted(config_dict.items()) if k not in free}], default=str)
 
 
-def differences(method: str, config_dict: dict[str, Any], slot_dict: dict[str, Any]) -> list[str]:
+def differences(method: Any, config_dict: dict[str, Any], slot_dict: dict[str, Any]) -> list[str]:
     """The config fields (beyond size, scaling and sites) in which a checkpoint differs from a slot."""
-    kind = KINDS[method]
-    keys = (set(config_dict) | set(slot_dict)) - set(kind.free) - set(kind.sites)
+    rule = rule_of(method)
+    keys = (set(config_dict) | set(slot_dict)) - set(rule.free) - set(rule.sites)
     return sorted(k for k in keys if json.dumps(config_dict.get(k), default=str) != json.dumps(slot_dict.get(k),
                                                                                                 default=str))
 
 
-def scaling(method: str, config: Any, module: str) -> float:
-    """The factor adapter `config` multiplies its folded tensors' output by at `module` (1 where it has none)."""
-    if method == "lora":
-        return 1.0 if config.use_gating else float(config.alpha if config.variant == "ia3" else config.scaling)
-    if method == "peft_lora":
-        return float(config.scaling(*config.rank_and_alpha(module)))
-    if method == "bottleneck":
-        return float(config.scaling)
-    return 1.0
+def folded(method: Any, config: Any, module: str, key: str, value: np.ndarray) -> np.ndarray:
+    """A padded slot tensor `key` at `module` with the adapter's scaling folded in, where its method folds it."""
+    rule = rule_of(method)
+    if key not in rule.fold:
+        return value
+    return value * np.asarray(rule.scaling(config, module), value.dtype)
 
 
 def slot_config(adapters: list[AdapterDef]) -> Any:
     """The config of a slot: the first adapter's, at the largest size of all, with scaling 1."""
-    first = adapters[0]
-    config, method = first.config, first.method.NAME
-    if method == "lora":
-        rank = max(a.config.r for a in adapters)
-        return replace(config, r=rank, alpha=rank)
-    if method == "peft_lora":
-        rank = max([a.config.r for a in adapters] + [r for a in adapters for r in a.config.rank_pattern.values()])
-        return replace(config, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False)
-    return replace(config, reduction_factor=min(a.config.reduction_factor for a in adapters), scaling=1.0)
+    return rule_of(adapters[0].method).widen([a.config for a in adapters])
 
 
 @dataclass
@@ -115,7 +76,7 @@ def group(spec: Spec) -> Slots:
     """The slots of a swappable spec: shareable adapters of one method and key together, the others alone."""
     groups: dict[str, list[str]] = {}
     for name, adapter in spec.adapters.items():
-        key = kind_key(adapter.method.NAME, adapter.config.to_dict()) if shareable(adapter) else f"alone:{name}"
+        key = kind_key(adapter.method, adapter.config.to_dict()) if shareable(adapter) else f"alone:{name}"
         groups.setdefault(key, []).append(name)
     of, members, shared, compiled = {}, {}, set(), {}
     taken = set(spec.adapters)

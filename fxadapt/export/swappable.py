@@ -36,6 +36,7 @@ from .. import pass_list
 from ..capture import Captured, exportable_masks, flatten_outputs
 from ..composition import parse_composition
 from ..errors import UserError
+from ..methods.slot_rule import rule_of
 from ..pass_list import OPTIMIZE, Check, Context
 from ..spec import AdapterDef, Spec
 from .adapter_files import (
@@ -47,17 +48,9 @@ from .adapter_files import (
     write_layout,
 )
 from .prepare import for_export
-from .slots import KINDS, Slots, fill_value, group, identity_value, pad, scaling
+from .slots import Slots, fill_value, folded, group, identity_value, pad
 
-STACKED = ("bottleneck",)  # methods whose adapters share residual sites through one Stack (`rewrite`)
-# the fields of a bottleneck config that place it around the residual add and the LayerNorm
-RESIDUAL_LAYOUT = ("original_ln_before", "original_ln_after", "residual_before_ln", "is_parallel")
 KEPT_PASSES = ("eliminate_dead_code",)  # the optimization passes a swappable model runs
-# method NAME -> why its adapters cannot be swapped by values alone
-REFUSED = {
-    "prefix_tuning": "no prefix is the identity (any prefix lengthens the attention)",
-    "prompt_tuning": "no prompt is the identity (a prompt lengthens the sequence)",
-}
 
 
 @dataclass
@@ -108,7 +101,7 @@ def rewrite(gm: fx.GraphModule, context: Context, check: Check | None = None) ->
     compose only through their composed site; with the others' up-projections 0 a Stack is exact)."""
     spec = context.spec
     assert spec is not None
-    residual = [n for n in spec.active if spec.adapters[n].method.NAME in STACKED]
+    residual = [n for n in spec.active if rule_of(spec.adapters[n].method).stacked]
     others = [n for n in spec.active if n not in residual]
     parts = []
     if len(residual) == 1 or others:
@@ -135,22 +128,27 @@ def _check_residual_layouts(spec: Spec, names: list[str], members: dict[str, lis
     def shown(slots: list[str]) -> str:
         return ", ".join(n for slot in slots for n in members.get(slot, [slot]))
 
-    layouts = {}
+    layouts: dict[tuple, list[str]] = {}
+    fields: dict[tuple, tuple[str, ...]] = {}
     for name in names:
-        config = spec.adapters[name].config
-        if spec.adapters[name].method.NAME in STACKED:
-            layouts.setdefault(tuple(getattr(config, f, None) for f in RESIDUAL_LAYOUT), []).append(name)
-    unions = [n for n in names if any(m.NAME in STACKED for m, _ in getattr(spec.adapters[n].config, "members", []))]
+        adapter = spec.adapters[name]
+        rule = rule_of(adapter.method)
+        if rule.stacked:
+            layout = (adapter.method.NAME, *(getattr(adapter.config, f, None) for f in rule.layout))
+            layouts.setdefault(layout, []).append(name)
+            fields[layout] = rule.layout
+    unions = [n for n in names if any(rule_of(m).stacked for m, _ in getattr(spec.adapters[n].config, "members", []))]
     if unions and len(unions) + sum(map(len, layouts.values())) > 1:
         raise UserError(f"--swappable: the config union(s) {shown(unions)} hold a bottleneck adapter, which "
                         "cannot share its residual sites with other bottleneck adapters in one swappable model yet; "
                         "compile them into separate models.")
     if len(layouts) > 1:
-        groups = "; ".join(f"{shown(group)}: {dict(zip(RESIDUAL_LAYOUT, layout, strict=True))}"
+        groups = "; ".join(f"{shown(group)}: {dict(zip(fields[layout], layout[1:], strict=True))}"
                            for layout, group in layouts.items())
         raise UserError(f"--swappable: bottleneck adapters that handle the residual and LayerNorm differently ("
                         f"{groups}) cannot share one swappable model yet; compile one model per group.")
-    parallel = [n for layout, group in layouts.items() if layout[RESIDUAL_LAYOUT.index("is_parallel")] for n in group]
+    parallel = [n for layout, group in layouts.items() if dict(zip(fields[layout], layout[1:], strict=True)).get(
+        "is_parallel") for n in group]
     if parallel and sum(map(len, layouts.values())) > 1:
         raise UserError(f"--swappable: parallel bottleneck adapters ({shown(parallel)}) cannot share their "
                         "residual sites with other bottleneck adapters in one swappable model yet (a Stack feeds one "
@@ -163,14 +161,14 @@ def single_spec(spec: Spec, name: str) -> Spec:
 
 
 def refusal(adapter: AdapterDef) -> str | None:
-    """Why an adapter cannot be swapped, or None."""
-    if adapter.method.NAME in REFUSED:
-        return REFUSED[adapter.method.NAME]
-    for member, _ in getattr(adapter.config, "members", []):  # a config union: as its members
-        if member.NAME in REFUSED:
-            return f"its {member.NAME} member: {REFUSED[member.NAME]}"
-    if getattr(adapter.config, "composition_mode", "add") == "scale" and getattr(adapter.config, "use_gating", False):
-        return "a gated (IA)^3 scale g·l is 1 for no value of l (g depends on the input)"
+    """Why an adapter cannot be swapped, or None (its method's SlotRule decides; a union's, its members')."""
+    reason = rule_of(adapter.method).refusal(adapter.config)
+    if reason:
+        return reason
+    for member, config in getattr(adapter.config, "members", []):  # a config union: as its members
+        reason = rule_of(member).refusal(config)
+        if reason:
+            return f"its {member.NAME} member: {reason}"
     return None
 
 
@@ -195,7 +193,7 @@ def plan(gm: fx.GraphModule, spec: Spec, captured: Captured, slots: Slots) -> Pl
             chunks = getattr(module, "chunks", ()) if key == "lora_A" else ()
             tensors.append(Tensor(name, tuple(tensor.shape), str(_numpy(tensor).dtype), placement.adapter,
                                   placement.reference_module, key, fill, varying, max(sum(chunks), 1)))
-    adapters = {name: {"method": a.method.NAME, "format": "peft" if a.method.NAME == "peft_lora" else "adapterhub",
+    adapters = {name: {"method": a.method.NAME, "format": rule_of(a.method).checkpoint,
                        "config": a.config.to_dict(), "file": f"{ADAPTERS_DIR}/{name}{SUFFIX}", "slot": slots.of[name]}
                 for name, a in spec.adapters.items()}
     slot_info = {slot: {"method": a.method.NAME, "config": a.config.to_dict(), "shared": slot in slots.shared}
@@ -354,7 +352,7 @@ def _adopt(plan: Plan, adapter: AdapterDef, single: fx.GraphModule, shared: bool
     for placement in single.meta.get("fxadapt", {}).get("placements", []):
         for key, tensor in single.get_submodule(placement.module_path).state_dict().items():
             own[(placement.reference_module, key)] = tensor.detach().clone()
-    method, slot = adapter.method.NAME, plan.layout.slot_of(adapter.name)
+    slot = plan.layout.slot_of(adapter.name)
     values = plan.values.setdefault(adapter.name, {})
     for tensor in plan.layout.tensors:
         if tensor.adapter != slot:
@@ -362,8 +360,8 @@ def _adopt(plan: Plan, adapter: AdapterDef, single: fx.GraphModule, shared: bool
         value = own.get((tensor.module, tensor.key))
         if value is not None and shared:
             padded = pad(_numpy(value), tensor.shape, tensor.blocks)
-            if padded is not None and tensor.key in KINDS[method].fold:
-                padded = padded * np.asarray(scaling(method, adapter.config, tensor.module), padded.dtype)
+            if padded is not None:
+                padded = folded(adapter.method, adapter.config, tensor.module, tensor.key, padded)
             value = None if padded is None else torch.from_numpy(padded)
         if value is None or tuple(value.shape) != tensor.shape:
             raise RuntimeError(f"swappable: adapter {adapter.name!r} compiled alone has no {tensor.module}."

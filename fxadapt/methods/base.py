@@ -133,6 +133,8 @@ class Method(Protocol):
                                   the reason it is left alone: a multi_task site's weights stacked and gathered
                                   per row (passes/route_rows.py; methods/lora/route.py, methods/bottleneck/route.py)
     Config.combine_strategies     average_adapter strategies beyond "linear" (lifecycle/averaging.py)
+    SLOT                          a SlotRule: how its adapters share, pad and fold in a swappable model, or why
+                                  they cannot be swapped (methods/slot_rule.py; export/slots.py, swappable.py)
     """
 
     NAME: str

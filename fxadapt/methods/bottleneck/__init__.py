@@ -8,6 +8,7 @@
     emit.py             reference_module, site_modules, emit (the single-adapter rewrite), composition_refusal
     site.py             BottleneckSite + lower_residual: one residual site under a composition setup
     route.py            RoutedBottleneck: a multi_task BottleneckSite with the children's weights stacked (ROUTERS)
+    slot.py             SLOT: how bottleneck adapters share a swappable model's padded slot
     invertible_site.py  lower_invertible: the setup's invertible block
     fusion.py           Fusion: AdapterFusion's module (its config and loading: compose/fusion_spec.py)
 
@@ -22,6 +23,7 @@ from .invertible_site import lower_invertible
 from .module import Bottleneck
 from .route import route_residual
 from .site import BottleneckSite, lower_residual
+from .slot import SLOT
 
 
 def describe_sites(config: Config) -> str:
@@ -37,5 +39,5 @@ ROUTERS = {BottleneckSite: route_residual}
 # Adapters of this method may be fused (a Fuse block, compose/fusion_spec.py).
 FUSABLE = True
 
-__all__ = ["ALIASES", "BLOCKS", "INITS", "LOWERERS", "NAME", "PRESETS", "ROUTERS", "Bottleneck", "Config", "FUSABLE",
-           "composition_refusal", "describe_sites", "emit", "reference_module", "site_modules"]
+__all__ = ["ALIASES", "BLOCKS", "INITS", "LOWERERS", "NAME", "PRESETS", "ROUTERS", "SLOT", "Bottleneck", "Config",
+           "FUSABLE", "composition_refusal", "describe_sites", "emit", "reference_module", "site_modules"]

@@ -8,6 +8,7 @@ plus MTL-LoRA (mtl.py, method "mtl_lora") and PEFT LoRA/DoRA checkpoints (peft.p
     site.py     LoRASite: one projection under a composition block of family modules
     lower.py    lower_linear: a composed projection calls its LoRASite (LOWERERS)
     route.py    RoutedLinear: a multi_task LoRASite with the children's weights stacked (ROUTERS)
+    slot.py     SLOT: how LoRA / (IA)^3 adapters share a swappable model's padded slot
     peft.py, mtl.py   the two other methods of the family
 
 This package is the "lora" method (fxadapt.methods.base.Method): the names below are its contract.
@@ -23,6 +24,7 @@ from .lower import lower_linear
 from .module import LoRA
 from .route import route_linear
 from .site import LoRASite
+from .slot import SLOT
 
 # Composed sites of this family's kind (SiteModule.kind) -> (stage, lowerer); see Method.LOWERERS.
 LOWERERS = {"linear": (1, lower_linear)}
@@ -43,6 +45,6 @@ def describe_sites(config: Config) -> str:
     return "attention projections " + "/".join(config.attn_matrices) + " or FFN projections"
 
 
-__all__ = ["ALIASES", "BLOCKS", "INIT_WEIGHTS", "LOWERERS", "NAME", "PRESETS", "ROUTERS", "Config", "FamilyModule",
-           "LoRA", "apply_at", "build", "composition_refusal", "describe_sites", "emit", "gate_mean", "peft_layout",
-           "projection_io", "shared_attrs", "site_modules", "targets", "weight_and_bias"]
+__all__ = ["ALIASES", "BLOCKS", "INIT_WEIGHTS", "LOWERERS", "NAME", "PRESETS", "ROUTERS", "SLOT", "Config",
+           "FamilyModule", "LoRA", "apply_at", "build", "composition_refusal", "describe_sites", "emit", "gate_mean",
+           "peft_layout", "projection_io", "shared_attrs", "site_modules", "targets", "weight_and_bias"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from ...graph_edit import add_module, slug
 from ...projections import find_projections, output_heads
 from ...sites import LinearSite, SiteMap
 from ..base import MethodConfig, Placement, SiteModule, freeze, require_type
+from ..slot_rule import SlotRule
 from .dora import oriented, row_norm, site_weight
 from .family import FamilyModule, apply_at, weight_and_bias
 
@@ -288,3 +289,18 @@ def emit(gm: fx.GraphModule, sites: SiteMap, adapter: str, config: Config, path:
 def composition_refusal(config: Config) -> str | None:
     """A PEFT LoRA config composes wherever AdapterHub LoRA does; nothing in the config forbids it."""
     return None
+
+
+def _slot_config(configs: list[Config]) -> Config:
+    """A swappable slot's config: the largest rank of any adapter or module, lora_alpha = r (scaling 1)."""
+    rank = max([c.r for c in configs] + [r for c in configs for r in c.rank_pattern.values()])
+    return replace(configs[0], r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False)
+
+
+# Swappable slots (methods/slot_rule.py): PEFT LoRA pads like AdapterHub LoRA, its per-module scaling folded into
+# lora_B (and its bias); DoRA keeps a slot of its own (its norm is over the unscaled B A).
+SLOT = SlotRule(free=("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "task_type"),
+                sites=("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"),
+                fold=("lora_B.weight", "lora_B.bias"), shareable=lambda config: not config.use_dora,
+                scaling=lambda config, module: float(config.scaling(*config.rank_and_alpha(module))),
+                widen=_slot_config, checkpoint="peft")

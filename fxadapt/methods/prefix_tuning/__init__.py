@@ -8,6 +8,7 @@ method "prompt_tuning"): both lengthen what attention sees by learned positions.
 
 from __future__ import annotations
 
+from ..slot_rule import SlotRule, refused
 from .module import (
                      ALIASES,
                      BLOCKS,
@@ -32,7 +33,9 @@ from .site import lower_prefix
 
 # Composed sites of this family's kind -> (stage, lowerer); see Method.LOWERERS.
 LOWERERS = {"prefix": (1, lower_prefix)}
+# Swappable models (methods/slot_rule.py): not yet.
+SLOT = SlotRule(refusal=refused("no prefix is the identity (any prefix lengthens the attention)"))
 
-__all__ = ["ALIASES", "BLOCKS", "LOCATIONS", "LOWERERS", "NAME", "POOL_KEY", "PRESETS", "Config", "FlatPrefixTuning",
-           "PrefixGroup", "PrefixTuning", "aliases", "attention_cores", "composition_refusal", "emit", "extend_mask",
-           "groups", "make_group", "site_modules"]
+__all__ = ["ALIASES", "BLOCKS", "LOCATIONS", "LOWERERS", "NAME", "POOL_KEY", "PRESETS", "SLOT", "Config",
+           "FlatPrefixTuning", "PrefixGroup", "PrefixTuning", "aliases", "attention_cores", "composition_refusal",
+           "emit", "extend_mask", "groups", "make_group", "site_modules"]

@@ -29,6 +29,7 @@ from ...graph_edit import Emitter, add_module
 from ...graph_ops import aten, module_path
 from ...sites import SiteMap
 from ..base import MethodConfig, Placement, SiteModule, freeze, require_type
+from ..slot_rule import SlotRule, refused
 
 NAME = "prompt_tuning"
 # The reference's PromptTuningLayer is no composable layer (it runs the setup's first adapter only) and a
@@ -66,6 +67,8 @@ class Config(MethodConfig):
 
 PRESETS = {"prompt_tuning": {}}
 ALIASES: dict[str, str] = {}
+# Swappable models (methods/slot_rule.py): a prompt changes the sequence length every later op sees.
+SLOT = SlotRule(refusal=refused("no prompt is the identity (a prompt lengthens the sequence)"))
 
 
 class PromptTuning(nn.Module):
