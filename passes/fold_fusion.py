@@ -102,7 +102,7 @@ def _fold(gm: fx.GraphModule, node: fx.Node, site: BottleneckSite, name: str, fu
             return f"adapter {adapter!r}: {up}"
         ups.append(up)
     dtype = next((p.dtype for p in site.adapters[adapters[0]].parameters()), torch.get_default_dtype())
-    return fold(fusion, adapters, ups, dtype).train(False)
+    return fold(fusion, adapters, ups, dtype, [site.adapters[a] for a in adapters]).train(False)
 
 
 def _fuse_blocks(setup: Block | str) -> list[Block]:

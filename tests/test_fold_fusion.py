@@ -125,6 +125,31 @@ def test_fresh_value_initialized_fusion_folds(fused):
         assert isinstance(originals[node.target].adapter_fusion_layer["a,b"], Fusion)
 
 
+@pytest.mark.parametrize(("adapters", "merged", "tails"), [
+    ({"a": "seq_bn", "b": "seq_bn[reduction_factor=8]"}, True, 1),
+    ({"a": "seq_bn[non_linearity='relu']", "b": "seq_bn[non_linearity='swish']"}, True, 2),
+    ({"a": "seq_bn[ln_before=True]", "b": "seq_bn"}, False, 0),  # a LayerNorm before a's down-projection
+    ({"a": "compacter[reduction_factor=4]", "b": "seq_bn"}, False, 0),  # a PHM down-projection
+], ids=["alike", "two-activations", "ln-before", "phm"])
+def test_down_projections_merge_only_when_plain_linear(adapters, merged, tails):
+    """The fused adapters' down-projections become one product of t when each is nn.Linear + its activation (one
+    activation op when they are alike); otherwise each adapter computes its own. Exact either way."""
+    result = _build(_spec(adapters, ["a", "b"]))
+    gm, inputs = result.graph, result.captured.example_inputs
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if ".adapters." in name or "fusion" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3 + (1.0 if "norm" in name else 0.0))
+    before = _run(gm, inputs)
+    count = fold_fusion(gm).count
+    folded = [f for n in _sites(gm) for f in gm.get_submodule(n.target).adapter_fusion_layer.values()]
+    assert count == len(folded) >= 2 and all(isinstance(f, FoldedFusion) for f in folded)
+    assert all(f.merges_down is merged for f in folded)
+    assert all(len(f.down_tails) == tails for f in folded if merged)
+    assert _max_error(before, _run(gm, inputs)) <= 1e-5
+
+
 def test_refusals_are_recorded_and_leave_the_fusion(fused):
     result, originals = fused
     gm = result.graph
@@ -183,8 +208,9 @@ def test_onnx_of_folded_fuse_has_no_hidden_square_fusion_matmuls(tmp_path, fold)
     layers = 2
     total, square = _matmuls(tmp_path / "model.onnx", 32)
     assert square == 4 * layers + 1 + (0 if fold else 3 * layers)
-    # Folded, a layer's fusion is 4 rank-sized MatMuls (two down-projections, scores, values); unfolded 9.
-    assert total == 8 * layers + 1 + (4 if fold else 9) * layers  # 8: q, k, v, 2 in the SDPA, o, FFN up, down
+    # Folded, a layer's fusion is 2 rank-sized MatMuls (the two down-projections and the scores as one product of
+    # the adapters' input, then the values); unfolded 9 (two downs, two ups, query, two keys, two values).
+    assert total == 8 * layers + 1 + (2 if fold else 9) * layers  # 8: q, k, v, 2 in the SDPA, o, FFN up, down
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow if c in SLOW_CASES else ())

@@ -12,6 +12,11 @@ key Q' = Q). So all N scores take one [Σr + N, H] product of q, and the value o
 [a_1 h_1, ..., a_N h_N, a_1, ..., a_N]: rank-sized, no hidden x hidden matmul except W_v r under
 residual_before with a value projection (kept: r is the same for every adapter, but W_v r is not r).
 value_before_softmax does not matter: W_v Σ a_i x_i = Σ a_i W_v x_i. Products are formed in float64.
+
+Where every fused adapter's down-projection is a plain linear layer followed by parameter-free layers (its
+activation), the N down-projections become one [Σr, H] product of t (`down_weight`), and when the fusion's query
+is t itself (the default: query after the LayerNorm) the score rows join it: one [2Σr + N, H] product per token
+instead of N + 1 — the same multiply-adds, read from t once.
 """
 
 from __future__ import annotations
@@ -57,17 +62,39 @@ def affine_up(adapter: Bottleneck, hidden: int, shared: dict[str, torch.Tensor])
         return weight * scale[:, None], beta * scale
 
 
+def merged_down(adapters: list[Bottleneck]) -> tuple[torch.Tensor, torch.Tensor, list[nn.Module]] | None:
+    """The fused adapters' down-projections as one linear layer ([Σr, H] weight, [Σr] bias) and each adapter's
+    parameter-free tail (its activation), or None where one of them is not a linear layer followed by such layers
+    (a LayerNorm before it, a PHM layer)."""
+    weights, biases, tails = [], [], []
+    for adapter in adapters:
+        first, *rest = adapter.adapter_down
+        if type(first) is not nn.Linear or any(any(True for _ in m.parameters()) for m in rest):
+            return None
+        weights.append(first.weight.detach())
+        biases.append(first.bias.detach() if first.bias is not None else first.weight.new_zeros(first.out_features))
+        tails.append(copy.deepcopy(nn.Sequential(*rest)))  # its own copy: a module has one parent
+    return torch.cat(weights), torch.cat(biases), tails
+
+
 class FoldedFusion(nn.Module):
-    """`forward(query, downs, residual)`: downs are the fused adapters' activations h_i, in `adapters` order."""
+    """`forward(query, t, residual, downs)`: downs are the fused adapters' activations h_i of their input t, in
+    `adapters` order; None when the module has the merged down-projection (`down_weight`) and computes them."""
 
     def __init__(self, adapters: list[str], ranks: list[int], tensors: dict[str, torch.Tensor],
-                 config: dict[str, Any]) -> None:
+                 config: dict[str, Any], tails: list[nn.Module] | None = None) -> None:
         super().__init__()
         self.adapters = list(adapters)
         self.ranks = list(ranks)
         self.config = dict(config)  # the unfolded fusion's, for inspection
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
+        # One tail for all when the activations are alike (one elementwise op over [.., Σr] instead of N).
+        alike = tails is not None and all(type(t) is type(tails[0]) and repr(t) == repr(tails[0]) for t in tails)
+        self.down_tails = None if tails is None else nn.ModuleList(tails[:1] if alike else tails)
+        if tails is not None:  # [down; score] rows of one product, used when the query is t itself
+            self.register_buffer("in_weight", torch.cat([tensors["down_weight"], tensors["score_weight"]]))
+            self.register_buffer("in_bias", torch.cat([tensors["down_bias"], tensors["score_bias"]]))
         if len(set(ranks)) > 1:  # unequal ranks: sum per adapter through a 0/1 [Σr, N] matrix
             segments = torch.zeros(sum(ranks), len(ranks), dtype=tensors["score_weight"].dtype)
             start = 0
@@ -78,10 +105,24 @@ class FoldedFusion(nn.Module):
         else:
             self.segments = None
 
-    def forward(self, query: torch.Tensor, downs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+    @property
+    def merges_down(self) -> bool:
+        return self.down_tails is not None
+
+    def forward(self, query: torch.Tensor, t: torch.Tensor, residual: torch.Tensor,
+                downs: list[torch.Tensor] | None = None) -> torch.Tensor:
         n, total = len(self.ranks), sum(self.ranks)
-        h = torch.cat(downs, dim=-1) if len(downs) > 1 else downs[0]
-        z = F.linear(query, self.score_weight, self.score_bias)  # [.., Σr + N]
+        if downs is not None:
+            h = torch.cat(downs, dim=-1) if len(downs) > 1 else downs[0]
+            z = F.linear(query, self.score_weight, self.score_bias)  # [.., Σr + N]
+        else:
+            if query is t:  # one product of t for the down-projections and the scores
+                both = F.linear(t, self.in_weight, self.in_bias)
+                pre, z = both[..., :total], both[..., total:]
+            else:
+                pre = F.linear(t, self.down_weight, self.down_bias)
+                z = F.linear(query, self.score_weight, self.score_bias)
+            h = self._activate(pre)
         if self.segments is None:
             scores = (h * z[..., :total]).unflatten(-1, (n, self.ranks[0])).sum(-1)
         else:
@@ -97,9 +138,18 @@ class FoldedFusion(nn.Module):
             return out + F.linear(residual, self.residual_weight)
         return out + residual
 
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        assert self.down_tails is not None
+        if len(self.down_tails) == 1:
+            return self.down_tails[0](pre)
+        parts = pre.split(self.ranks, dim=-1)
+        return torch.cat([tail(part) for tail, part in zip(self.down_tails, parts, strict=True)], dim=-1)
 
-def fold(fusion: Fusion, adapters: list[str], ups: list[Affine], dtype: torch.dtype) -> FoldedFusion:
-    """The folded module of `fusion` over `adapters` with up-projections `ups` (module docstring)."""
+
+def fold(fusion: Fusion, adapters: list[str], ups: list[Affine], dtype: torch.dtype,
+         modules: list[Bottleneck] | None = None) -> FoldedFusion:
+    """The folded module of `fusion` over `adapters` with up-projections `ups` (module docstring); with the
+    adapters' `modules`, their down-projections merge into one where they can (`merged_down`)."""
     config = fusion.config
     hidden = ups[0][0].shape[0]
     with torch.no_grad():
@@ -122,8 +172,12 @@ def fold(fusion: Fusion, adapters: list[str], ups: list[Affine], dtype: torch.dt
                    "value_weight": torch.cat(columns, dim=1)}
         if config["residual_before"] and value is not None:
             tensors["residual_weight"] = value  # Σ a_i W_v r = W_v r: the one hidden x hidden product left
+        merged = merged_down(modules) if modules is not None else None
+        if merged is not None:
+            tensors["down_weight"], tensors["down_bias"] = merged[0], merged[1]
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    return FoldedFusion(adapters, [a.shape[1] for a, _ in ups], tensors, config)
+    return FoldedFusion(adapters, [a.shape[1] for a, _ in ups], tensors, config,
+                        merged[2] if merged is not None else None)
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

@@ -8,7 +8,7 @@ emitter uses too), so PHM layers, gating, scaling and stochastic depth behave th
     single(a): hidden, up = a.run(t, r)                    # a's adapter; up feeds Fuse
     Stack:     pre(c); single(c) for each child c in turn
     Fuse:      q = query of pre_last; hidden = Fusion(q, [up_c]_c, r)
-               (folded, fusion_fold.py: hidden = FoldedFusion(q, [h_c]_c, r), h_c = act(down_c(t)))
+               (folded, fusion_fold.py: hidden = FoldedFusion(q, t, r), from h_c = act(down_c(t)))
     Split:     children on sequence slices, hidden = cat(dim=1)
     BatchSplit children on batch slices, cat(dim=0)
     Average:   hidden = mean_c(w_c · hidden_c)             # the reference's mean of weighted states
@@ -157,8 +157,9 @@ class BottleneckSite(nn.Module):
                                                                   fusion.config)
         state = state._replace(hidden=hidden, residual=residual)
         if isinstance(fusion, FoldedFusion):  # folded: only the fused adapters' rank-sized activations are needed
-            downs = [down_activation(self.adapters[n], hidden, state.shared.get(n, {})) for n in fusion.adapters]
-            return state._replace(hidden=fusion(query, downs, residual), last=last)
+            downs = None if fusion.merges_down else [
+                down_activation(self.adapters[n], hidden, state.shared.get(n, {})) for n in fusion.adapters]
+            return state._replace(hidden=fusion(query, hidden, residual, downs), last=last)
         children = [s for s in (self._child(c, state) for c in block.children) if s is not None]
         if children:
             ups = torch.stack([s.up for s in children]).permute(1, 2, 0, 3)
