@@ -169,7 +169,8 @@ def parser() -> argparse.ArgumentParser:
                         "outputs beyond atol/rtol (also FXADAPT_DEBUG=1)")
     p.add_argument("--swappable", action="store_true",
                    help="one model.onnx for all the spec's adapters: adapter weights are graph inputs (defaults: the "
-                        "active adapter), OUT/adapters/<name>.onnx_adapter per adapter (docs/deploy.md)")
+                        "active adapter), OUT/adapters/<name>.onnx_adapter per adapter; with --format aoti the "
+                        "package's constants take the same files (docs/deploy.md)")
     p.set_defaults(run=cmd_compile)
 
     p = sub.add_parser("adapters", help="adapter files for swappable models")

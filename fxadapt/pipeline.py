@@ -84,18 +84,14 @@ class _Timer:
     def __init__(self, timings: dict[str, float], progress: Progress) -> None:
         self.timings, self.progress = timings, progress
 
+    @contextlib.contextmanager
     def __call__(self, stage: str, message: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                timer.progress(message)
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.timings[stage] = round(time.perf_counter() - self.start, 3)
-
-        return _Stage()
+        self.progress(message)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(time.perf_counter() - start, 3)
 
 
 def verification_shapes(captured: Captured) -> list[tuple[str, dict[str, torch.Tensor]]]:
@@ -196,8 +192,8 @@ def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, forma
     if (ort_optimize or quantize) and "onnx" not in formats:
         raise UserError("--ort-optimize and --quantize work on the ONNX export; add onnx to --format.")
     with (publication := Publication(Path(out_dir))) as staging:
-        if swappable and "onnx" not in formats:
-            raise UserError("--swappable writes a swappable ONNX model: add onnx to --format.")
+        if swappable and not {"onnx", "aoti"} & set(formats):
+            raise UserError("--swappable needs a swappable artifact: add onnx or aoti (AOTInductor) to --format.")
         # --swappable: every adapter of the spec inserted, unmerged (export/swappable.py); `built` is never swappable
         compiled = swap.swappable_spec(spec) if swappable and built is None else spec
         rewrite = swap.rewrite if compiled is not spec else pass_list.rewrite
@@ -215,7 +211,7 @@ def compile_model(model: torch.nn.Module | str, spec: Spec, out_dir: Path, forma
         optimize(result, compiled, progress, check=check)
         _export_all(result, spec, formats, staging, shapes, references, tolerance, progress)
         if result.swappable is not None:
-            _adapter_files(result, staging, shapes, adapter_references, tolerance, progress)
+            _adapter_files(result, staging, formats, shapes, adapter_references, tolerance, progress)
         if ort_optimize or quantize:
             _onnx_variants(result, staging, shapes, references, tolerance, progress, ort_optimize, quantize)
         _write_report(result, spec, staging, tolerance)
@@ -267,12 +263,15 @@ def _export_all(result: Result, spec: Spec, formats, staging: Path, shapes, refe
         with torch.no_grad():
             _check(result, "pt2", lambda inputs: flatten_outputs(loaded(**inputs)), shapes, references, tolerance)
     if "aoti" in formats:
-        from .export.aoti import export_aoti, load_aoti  # as above: only the aoti format needs the compiler
+        from .export import aoti  # as above: only the aoti format needs the compiler
 
-        path = staging / "model.aoti.pt2"
+        path = staging / aoti.PACKAGE
         with stage("aoti", "compiling with AOTInductor (.aoti.pt2)"):
-            result.artifacts["aoti"] = {"path": path.name, **export_aoti(ep, path)}
-        compiled = load_aoti(path)
+            result.artifacts["aoti"] = {"path": path.name, **aoti.export_aoti(ep, path)}
+        compiled = aoti.load_aoti(path)
+        if result.swappable is not None:  # its adapter tensors are constants the adapter files replace
+            result.artifacts["aoti"].update(aoti.check_adapter_constants(compiled, result.swappable.layout,
+                                                                         prune="onnx" not in formats))
         with torch.no_grad():
             _check(result, "aoti", lambda inputs: flatten_outputs(compiled(**inputs)), shapes, references, tolerance)
 
@@ -313,17 +312,27 @@ def _onnx_variants(result: Result, staging: Path, shapes, references, tolerance,
                                                                              run_onnx(path, inputs))))
 
 
-def _adapter_files(result: Result, staging: Path, shapes, adapter_references, tolerance, progress) -> None:
-    """OUT/adapters/: layout.json and one .onnx_adapter per adapter; one ONNX Runtime session with each file
-    must give the outputs of that adapter compiled alone (export/swappable.py)."""
+def _adapter_files(result: Result, staging: Path, formats, shapes, adapter_references, tolerance, progress) -> None:
+    """OUT/adapters/: layout.json and one .onnx_adapter per adapter; one ONNX Runtime session, and one AOTInductor
+    package with the file swapped into its constants, must give with each file the outputs of that adapter
+    compiled alone (export/swappable.py, export/aoti.py)."""
     plan = result.swappable
     assert plan is not None
     with _Timer(result.timings, progress)("adapter_files", "writing and verifying the adapter files"):
         files = swap.write_files(plan, staging)
-        run = swap.onnx_runner(staging / "model.onnx")
-        for name, file in files.items():
-            _check(result, f"onnx+{name}", lambda inputs, f=staging / file: run(inputs, f), shapes,
-                   adapter_references[name], tolerance)
+        runners = []
+        if "onnx" in formats:
+            run = swap.onnx_runner(staging / "model.onnx")
+            runners.append(("onnx", lambda inputs, file: run(inputs, staging / file)))
+        if "aoti" in formats:
+            from .runtime import AotiSession  # as in _export_all: the compiler stack
+
+            session = AotiSession(staging)
+            runners.append(("aoti", lambda inputs, file: flatten_outputs(session.run(inputs, staging / file))))
+        for artifact, run_with in runners:
+            for name, file in files.items():
+                _check(result, f"{artifact}+{name}", lambda inputs, r=run_with, f=file: r(inputs, f), shapes,
+                       adapter_references[name], tolerance)
     result.artifacts["adapters"] = {"path": "adapters", "layout": plan.layout.digest, "files": files,
                                     "active": plan.layout.active}
 
