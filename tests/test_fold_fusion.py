@@ -208,9 +208,10 @@ def test_onnx_of_folded_fuse_has_no_hidden_square_fusion_matmuls(tmp_path, fold)
     layers = 2
     total, square = _matmuls(tmp_path / "model.onnx", 32)
     assert square == 4 * layers + 1 + (0 if fold else 3 * layers)
-    # Folded, a layer's fusion is 2 rank-sized MatMuls (the two down-projections and the scores as one product of
-    # the adapters' input, then the values); unfolded 9 (two downs, two ups, query, two keys, two values).
-    assert total == 8 * layers + 1 + (2 if fold else 9) * layers  # 8: q, k, v, 2 in the SDPA, o, FFN up, down
+    # Folded, a layer's fusion is 4 rank-sized MatMuls (the two down-projections and the scores as one product of
+    # the adapters' input, two [Σr, 2] segment sums, the values); unfolded 9 (two downs, two ups, query, two keys,
+    # two values).
+    assert total == 8 * layers + 1 + (4 if fold else 9) * layers  # 8: q, k, v, 2 in the SDPA, o, FFN up, down
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow if c in SLOW_CASES else ())

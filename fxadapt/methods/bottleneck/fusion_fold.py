@@ -95,15 +95,15 @@ class FoldedFusion(nn.Module):
         if tails is not None:  # [down; score] rows of one product, used when the query is t itself
             self.register_buffer("in_weight", torch.cat([tensors["down_weight"], tensors["score_weight"]]))
             self.register_buffer("in_bias", torch.cat([tensors["down_bias"], tensors["score_bias"]]))
-        if len(set(ranks)) > 1:  # unequal ranks: sum per adapter through a 0/1 [Σr, N] matrix
-            segments = torch.zeros(sum(ranks), len(ranks), dtype=tensors["score_weight"].dtype)
-            start = 0
-            for i, rank in enumerate(ranks):
-                segments[start:start + rank, i] = 1.0
-                start += rank
-            self.register_buffer("segments", segments)
-        else:
-            self.segments = None
+        # Per-adapter sums over the rank units (scores) and broadcasts back to them (weights) through a 0/1
+        # [Σr, N] segment matrix: one small MatMul each instead of reshape / reduce / unsqueeze chains.
+        segments = torch.zeros(sum(ranks), len(ranks), dtype=tensors["score_weight"].dtype)
+        start = 0
+        for i, rank in enumerate(ranks):
+            segments[start:start + rank, i] = 1.0
+            start += rank
+        self.register_buffer("segments", segments)
+        self.register_buffer("segments_t", segments.T.contiguous())
 
     @property
     def merges_down(self) -> bool:
@@ -114,24 +114,15 @@ class FoldedFusion(nn.Module):
         n, total = len(self.ranks), sum(self.ranks)
         if downs is not None:
             h = torch.cat(downs, dim=-1) if len(downs) > 1 else downs[0]
-            z = F.linear(query, self.score_weight, self.score_bias)  # [.., Σr + N]
-        else:
-            if query is t:  # one product of t for the down-projections and the scores
-                both = F.linear(t, self.in_weight, self.in_bias)
-                pre, z = both[..., :total], both[..., total:]
-            else:
-                pre = F.linear(t, self.down_weight, self.down_bias)
-                z = F.linear(query, self.score_weight, self.score_bias)
+            z_h, z_c = F.linear(query, self.score_weight, self.score_bias).split([total, n], dim=-1)
+        elif query is t:  # one product of t for the down-projections and the scores
+            pre, z_h, z_c = F.linear(t, self.in_weight, self.in_bias).split([total, total, n], dim=-1)
             h = self._activate(pre)
-        if self.segments is None:
-            scores = (h * z[..., :total]).unflatten(-1, (n, self.ranks[0])).sum(-1)
         else:
-            scores = torch.matmul(h * z[..., :total], self.segments)
-        probs = torch.softmax(scores + z[..., total:], dim=-1)
-        if self.segments is None:
-            weighted = (h.unflatten(-1, (n, self.ranks[0])) * probs.unsqueeze(-1)).flatten(-2)
-        else:
-            weighted = h * torch.matmul(probs, self.segments.T)
+            h = self._activate(F.linear(t, self.down_weight, self.down_bias))
+            z_h, z_c = F.linear(query, self.score_weight, self.score_bias).split([total, n], dim=-1)
+        probs = torch.softmax(torch.matmul(h * z_h, self.segments) + z_c, dim=-1)
+        weighted = h * torch.matmul(probs, self.segments_t)  # [a_1 h_1, ..., a_N h_N]
         out = F.linear(torch.cat([weighted, probs], dim=-1), self.value_weight)
         # Without residual_before r is added after the fusion; with it Σ a_i (U_i + r) = Σ a_i U_i + r.
         if hasattr(self, "residual_weight"):
