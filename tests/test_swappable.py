@@ -116,7 +116,8 @@ def test_runtime_refuses_a_model_that_is_not_its_layout(tmp_path):
 
 
 @pytest.mark.parametrize("value, match", [
-    ({"p": "prefix_tuning", "b": "seq_bn"}, "not swappable: no prefix"),
+    ({"p": "prefix_tuning[use_gating=True]", "b": "seq_bn"}, "not swappable: a gated prefix"),
+    ({"t": "prompt_tuning", "b": "seq_bn"}, "not swappable: no prompt"),
     ({"g": "ia3[use_gating=True]"}, "gated"),
     ({"s": "seq_bn", "p": "par_bn"}, "handle the residual and LayerNorm differently"),
     ({"u": "lora|seq_bn", "s": "seq_bn"}, "union"),
@@ -229,7 +230,7 @@ def test_adapters_export_pads_a_smaller_rank_on_fewer_sites_and_refuses_a_larger
 
 
 def test_compile_swappable_refusal_exits_2_and_writes_nothing(tmp_path, write_spec, capsys):
-    spec = write_spec({"adapters": {"p": "prefix_tuning", "b": "seq_bn"}, "active": "b"})
+    spec = write_spec({"adapters": {"p": "prompt_tuning", "b": "seq_bn"}, "active": "b"})
     assert main(["compile", "--spec", str(spec), "-o", str(tmp_path / "out"), "--format", "onnx", "--swappable"]) == 2
     assert "not swappable" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "out").exists()
 

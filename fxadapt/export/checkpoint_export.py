@@ -83,6 +83,10 @@ def _map_weights(weights: dict[str, torch.Tensor], layout: Layout, slot: str, sa
     for tensor in layout.tensors:
         if tensor.adapter != slot:
             continue
+        derived = rule_of(padded[0]).derived(padded[1], tensor.key, tensor.shape) if padded is not None else None
+        if derived is not None:  # not a checkpoint tensor (a prefix slot's mask): from the config
+            mapped[tensor.name] = np.asarray(derived, dtype=tensor.dtype)
+            continue
         key = strip(f"{tensor.module}.{tensor.key}" if peft else f"{tensor.module}.{saved}.{tensor.key}")
         value = stripped.get(key)
         if value is None:
@@ -101,12 +105,19 @@ def _map_weights(weights: dict[str, torch.Tensor], layout: Layout, slot: str, sa
             return f"{key!r} is {list(value.shape)}, the model's is {list(tensor.shape)}"
         mapped[tensor.name] = array
         used.add(key)
-    unused = sorted(set(stripped) - used)
+    unused = sorted(k for k in set(stripped) - used if not _copy_of_used(k, stripped, used, saved))
     if unused:
         return f"{len(unused)} tensor(s) the model has no place for, e.g. {unused[0]!r}"
-    if not mapped:
+    if not used:
         return "none of its tensors is at the slot's sites"
     return mapped
+
+
+def _copy_of_used(key: str, weights: dict[str, torch.Tensor], used: set[str], saved: str) -> bool:
+    """Whether `key` repeats a used tensor under another module: the reference saves a module several places
+    share (a prefix pool) once per place, with equal values."""
+    tail = key.split(f".{saved}.", 1)[-1]
+    return any(k.split(f".{saved}.", 1)[-1] == tail and torch.equal(weights[k], weights[key]) for k in used)
 
 
 def export_adapter_file(source: Path, output: Path, model_dir: Path | None = None, slot: str | None = None) -> str:

@@ -116,6 +116,10 @@ def pad(value: np.ndarray, shape: tuple[int, ...], blocks: int = 1) -> np.ndarra
 
 def identity_value(gm: fx.GraphModule, path: str, module: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
     """The value of `module`'s tensor `key` with which the adapter is the identity (see swappable.py)."""
+    declared = getattr(module, "swap_identity", None)  # a module that knows its own (a prefix slot's mask)
+    own = declared(key, value) if declared is not None else None
+    if own is not None:
+        return own
     if getattr(module, "composition", None) == "scale" and key == "lora_B":
         return torch.full_like(value, 1.0 / module.scaling)  # (IA)^3: y' = y ⊙ (alpha · l), identity l = 1/alpha
     if getattr(module, "composition", None) == "replace" and key in ("m.weight", "lora_magnitude_vector"):

@@ -7,16 +7,20 @@ Adapters of one kind at the same sites share one slot (export/slots.py): compile
 bottleneck size with scaling 1, each file filling it zero-padded with its adapter's scaling folded in, so the
 model's adapter cost grows with the number of kinds, not adapters. Identity values: zeros (a LoRA / VeRA update
 B·A x = 0, a bottleneck's up-projection 0, so the adapter adds 0 to its residual stream, a ReFT intervention
-R = W = 0), 1/alpha for (IA)^3's scale vector l (1 in a shared slot), and for DoRA B = 0 with the magnitude
-m = ||W||_row of the base weight (m / ||W + 0|| ⊙ y = y). The graph inputs carry the spec's active adapter as
+R = W = 0), 1/alpha for (IA)^3's scale vector l (1 in a shared slot), for DoRA B = 0 with the magnitude
+m = ||W||_row of the base weight (m / ||W + 0|| ⊙ y = y), and for a prefix slot its mask over every prefix position
+(methods/prefix_tuning/slot.py: masked keys get softmax weight 0, so the attention is the model's own). Which
+adapters share a slot, how they pad and fold, and why some are refused: each method's SlotRule (`method.SLOT`,
+methods/slot_rule.py); this module never switches on method names. The graph inputs carry the spec's active adapter as
 defaults (an ONNX initializer named like a graph input is that input's default), so a plain session runs as the
 spec says; ONNX Runtime's `RunOptions.add_active_adapter` replaces them for one run. The compile checks every
 file: ONNX Runtime with file k must give the outputs of a compile of adapter k alone (an adapter whose zeros are
 not the identity, e.g. a LayerNorm after its residual add, fails there and the compile exits 3).
 
-Not swappable (refused with the reason): prefix and prompt tuning (no value of their keys/values is the
-identity: they lengthen the attention), PEFT checkpoints that change base weights, composition blocks and
-fusions in the spec, bottleneck adapters that could not share a residual site exactly (`_check_residual_layouts`).
+Not swappable (refused with the reason): what a method's SlotRule refuses (prompt tuning: a prompt lengthens the
+sequence; gated prefixes and (IA)^3; prefixes in unions; a second prefix slot, `_check_one_slot`), PEFT checkpoints
+that change base weights, composition blocks and fusions in the spec, bottleneck adapters that could not share a
+residual site exactly (`_check_residual_layouts`).
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ def swappable_spec(spec: Spec) -> Spec:
             raise UserError(f"{adapter.path}: adapter {name!r} ({adapter.method.NAME}) is not swappable: {reason}. "
                             "Compile it without --swappable, or leave it out of the spec.")
     slots = group(spec)
+    _check_one_slot(spec, slots)
     first = slots.of[spec.active[0]]
     names = [first] + [n for n in slots.compiled if n != first]
     compiled = Spec(slots.compiled, names, spec.optimize)
@@ -118,6 +123,20 @@ def rewrite(gm: fx.GraphModule, context: Context, check: Check | None = None) ->
             counts[name] = counts.get(name, 0) + count
     gm.meta.setdefault("fxadapt", {})["placements"] = placements
     return gm, counts
+
+
+def _check_one_slot(spec: Spec, slots: Slots) -> None:
+    """Methods whose rule allows one slot per model (`SlotRule.one_slot`): adapters of theirs in two slots."""
+    by_method: dict[str, list[str]] = {}
+    for slot, definition in slots.compiled.items():
+        if rule_of(definition.method).one_slot:
+            by_method.setdefault(definition.method.NAME, []).append(slot)
+    for method, taken in by_method.items():
+        if len(taken) > 1:
+            groups = "; ".join(", ".join(slots.members[s]) for s in taken)
+            reason = rule_of(slots.compiled[taken[0]].method).one_slot
+            raise UserError(f"--swappable: the {method} adapters {groups} need {len(taken)} slots (their configs "
+                            f"differ beyond size): {reason}. Compile one model per group, or align their configs.")
 
 
 def _check_residual_layouts(spec: Spec, names: list[str], members: dict[str, list[str]]) -> None:
@@ -166,7 +185,8 @@ def refusal(adapter: AdapterDef) -> str | None:
     if reason:
         return reason
     for member, config in getattr(adapter.config, "members", []):  # a config union: as its members
-        reason = rule_of(member).refusal(config)
+        rule = rule_of(member)
+        reason = rule.refusal(config) or rule.in_union
         if reason:
             return f"its {member.NAME} member: {reason}"
     return None
@@ -352,10 +372,14 @@ def _adopt(plan: Plan, adapter: AdapterDef, single: fx.GraphModule, shared: bool
     for placement in single.meta.get("fxadapt", {}).get("placements", []):
         for key, tensor in single.get_submodule(placement.module_path).state_dict().items():
             own[(placement.reference_module, key)] = tensor.detach().clone()
-    slot = plan.layout.slot_of(adapter.name)
+    slot, rule = plan.layout.slot_of(adapter.name), rule_of(adapter.method)
     values = plan.values.setdefault(adapter.name, {})
     for tensor in plan.layout.tensors:
         if tensor.adapter != slot:
+            continue
+        derived = rule.derived(adapter.config, tensor.key, tensor.shape)  # not the adapter's own (a prefix mask)
+        if derived is not None:
+            values[tensor.name] = torch.from_numpy(np.asarray(derived, dtype=tensor.dtype))
             continue
         value = own.get((tensor.module, tensor.key))
         if value is not None and shared:

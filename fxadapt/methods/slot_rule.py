@@ -9,7 +9,9 @@ at its own sites, and is swappable unless the compile's per-file check finds its
                   `scaling(config, module)` folded into the tensors named in `fold`
     stacked:      its slots share residual sites through one Stack (bottleneck adapters), which is exact only when
                   they agree in the config fields named in `layout` (where they sit around the residual add)
-    refusal:      why a config cannot be swapped by values alone (None: it can)
+    refusal:      why a config cannot be swapped by values alone (None: it can); `in_union`: why not as a union member;
+                  `one_slot`: why a model holds at most one slot of the method
+    derived:      slot tensors that are no checkpoint tensor, from the config (a prefix slot's mask)
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def _one(config: Any, module: str) -> float:
 
 
 def _swappable(config: Any) -> str | None:
+    return None
+
+
+def _underived(config: Any, key: str, shape: tuple[int, ...]) -> None:
     return None
 
 
@@ -54,8 +60,14 @@ class SlotRule:
     # its adapters share residual sites through one Stack; `layout`: the fields that must agree for that
     stacked: bool = False
     layout: tuple[str, ...] = ()
-    # config -> why it cannot be swapped, or None
+    # config -> why it cannot be swapped, or None; `in_union`: why it cannot be swapped as a config union's member
     refusal: Callable[[Any], str | None] = _swappable
+    in_union: str | None = None
+    # why a model holds at most one slot of this method (adapters of another config cannot get a second one), or None
+    one_slot: str | None = None
+    # (config, key, shape) -> the value a slot tensor takes for an adapter of `config` where the adapter's own
+    # compile or checkpoint has no such tensor (a prefix slot's mask), else None
+    derived: Callable[[Any, str, tuple[int, ...]], Any] = _underived
     # the checkpoint format its saved adapters use ("adapterhub" or "peft": keys and file names)
     checkpoint: str = "adapterhub"
 

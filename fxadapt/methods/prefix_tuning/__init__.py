@@ -3,12 +3,12 @@ method "prompt_tuning"): both lengthen what attention sees by learned positions.
 
     module.py         Config, PRESETS, the prefix modules and pools, site_modules, emit (formulas: its docstring)
     site.py           PrefixSite + lower_prefix: prefix tuning under a composition setup
+    slot.py           SLOT: prefixes in a swappable model (padded to the longest, with a mask the files carry)
     prompt_tuning.py  the prompt tuning method (soft prompt tokens before the input embeddings)
 """
 
 from __future__ import annotations
 
-from ..slot_rule import SlotRule, refused
 from .module import (
                      ALIASES,
                      BLOCKS,
@@ -30,11 +30,10 @@ from .module import (
                      site_modules,
 )
 from .site import lower_prefix
+from .slot import SLOT
 
 # Composed sites of this family's kind -> (stage, lowerer); see Method.LOWERERS.
 LOWERERS = {"prefix": (1, lower_prefix)}
-# Swappable models (methods/slot_rule.py): not yet.
-SLOT = SlotRule(refusal=refused("no prefix is the identity (any prefix lengthens the attention)"))
 
 __all__ = ["ALIASES", "BLOCKS", "LOCATIONS", "LOWERERS", "NAME", "POOL_KEY", "PRESETS", "SLOT", "Config",
            "FlatPrefixTuning", "PrefixGroup", "PrefixTuning", "aliases", "attention_cores", "composition_refusal",

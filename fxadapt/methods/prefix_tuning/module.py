@@ -177,7 +177,8 @@ def aliases(cores: list[AttentionCore]) -> list[str]:
 def make_group(location: str, members: list[AttentionCore], config: Config) -> PrefixGroup:
     first = members[0]
     cls = FlatPrefixTuning if config.flat else PrefixTuning
-    group = PrefixGroup(location, cls(len(members), first.kv_heads, first.hidden_size, first.head_dim, config))
+    group_class = getattr(config, "group_class", PrefixGroup)  # a swappable slot's pool carries a mask (slot.py)
+    group = group_class(location, cls(len(members), first.kv_heads, first.hidden_size, first.head_dim, config))
     group.config = config  # what a composed site needs (site.py); a union's member config, not the union's
     return freeze(group)
 
@@ -260,6 +261,7 @@ def _rewrite(gm: fx.GraphModule, cores: list[AttentionCore], module_path: str, c
     pool = pool_emitter.call_module(module_path, (), keep_val=False)
     created = len(pool_emitter.created)
     masks: dict[tuple, fx.Node] = {}
+    join_mask = getattr(gm.get_submodule(module_path), "join_mask", None)  # a swappable slot's pool (slot.py)
     for index, core in enumerate(cores):
         here = {**origin, "layer": core.layer}
         gate = None
@@ -270,8 +272,11 @@ def _rewrite(gm: fx.GraphModule, cores: list[AttentionCore], module_path: str, c
             created += len(em.created)
         for slot, (user, arg) in enumerate((core.key_user, core.value_user)):
             created += _prepend(gm, core, user, arg, pool, 2 * index + slot, here, slot == 0, gate)
-        created += extend_mask(gm, core, config.prefix_length, here, masks)
-    return created + len(masks)
+        if join_mask is not None:
+            created += join_mask(gm, core, module_path, here, masks)
+        else:
+            created += extend_mask(gm, core, config.prefix_length, here, masks)
+    return created + (0 if join_mask else len(masks))
 
 
 def _prepend(gm: fx.GraphModule, core: AttentionCore, user: fx.Node, arg: int, pool: fx.Node, index: int,
