@@ -47,7 +47,8 @@ def compiled(tmp_path_factory):
     model = str(_one_layer_bert(root / "model"))
     (root / "spec.json").write_text(json.dumps(SPEC))
     out = root / "out"
-    assert main(["compile", model, "--spec", str(root / "spec.json"), "-o", str(out), "--format", "aoti",
+    # The ONNX model beside the package: one set of adapter files serves both (one AOTInductor compile for the file).
+    assert main(["compile", model, "--spec", str(root / "spec.json"), "-o", str(out), "--format", "onnx,aoti",
                  "--swappable"]) == 0
     generator = torch.Generator().manual_seed(3)
     inputs = {"input_ids": torch.randint(0, 100, (2, 9), generator=generator),
@@ -67,7 +68,7 @@ def test_compile_verifies_every_adapter_file_swapped_into_the_package(compiled):
     report = json.loads((out / "report.json").read_text())
     artifacts = report["artifacts"]
     layout = json.loads((out / "adapters" / "layout.json").read_text())
-    assert not (out / "model.onnx").exists() and (out / "model.aoti.pt2").is_file()
+    assert (out / "model.onnx").is_file() and (out / "model.aoti.pt2").is_file()
     assert artifacts["aoti"]["ok"] and artifacts["aoti"]["swappable"]
     assert artifacts["aoti"]["layout"] == layout["digest"] == artifacts["adapters"]["layout"]
     assert artifacts["aoti"]["adapter_constants"] == len(layout["tensors"]) > 0
@@ -166,20 +167,15 @@ def test_aoti_session_outside_a_swappable_out_is_a_user_error(tmp_path):
         AotiSession(tmp_path, cache_size=0)
 
 
-@pytest.mark.slow  # a second AOTInductor compile, with the ONNX model beside it
-def test_one_set_of_adapter_files_serves_the_onnx_model_and_the_package(tmp_path):
+@pytest.mark.slow
+def test_one_set_of_adapter_files_serves_the_onnx_model_and_the_package(compiled):
     from fxadapt.runtime import Session
 
-    model = str(_one_layer_bert(tmp_path / "model"))
-    spec = {"adapters": {name: SPEC["adapters"][name] for name in ("lora4", "bn")}, "active": "bn"}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    out = tmp_path / "out"
-    assert main(["compile", model, "--spec", str(tmp_path / "spec.json"), "-o", str(out), "--format", "onnx,aoti",
-                 "--swappable"]) == 0
+    out, _ = compiled
     artifacts = json.loads((out / "report.json").read_text())["artifacts"]
-    assert all(artifacts[f"{kind}+{name}"]["ok"] for kind in ("onnx", "aoti") for name in spec["adapters"])
+    assert all(artifacts[f"{kind}+{name}"]["ok"] for kind in ("onnx", "aoti") for name in ADAPTERS)
     onnx, package = Session(out), AotiSession(out)
     inputs = {"input_ids": torch.arange(12).reshape(2, 6) % 100, "attention_mask": torch.ones(2, 6, dtype=torch.long)}
-    for name in ("lora4", "bn"):
+    for name in ADAPTERS:
         got = package.run(inputs, adapter=name)["last_hidden_state"].numpy()
         assert abs(got - onnx.run(inputs, adapter=name)["last_hidden_state"]).max() < 1e-5, name
