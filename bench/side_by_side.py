@@ -223,8 +223,8 @@ def check_parity(bench: Bench, rows: list[Row]) -> float:
     return worst
 
 
-def time_interleaved(calls: dict[tuple, Callable], reps: int, warmup: int = 2) -> dict[tuple, float]:
-    """Median seconds per key; every round runs every key once, in a fresh shuffled order (seeded), so a
+def time_interleaved(calls: dict[tuple, Callable], reps: int, warmup: int = 2) -> dict[tuple, list[float]]:
+    """Seconds per key and round; every round runs every key once, in a fresh shuffled order (seeded), so a
     load change on the machine hits all variants alike."""
     for fn in calls.values():
         for _ in range(warmup):
@@ -237,22 +237,34 @@ def time_interleaved(calls: dict[tuple, Callable], reps: int, warmup: int = 2) -
             start = time.perf_counter()
             calls[key]()
             samples[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
 
 
-def print_table(rows: list[Row], t: dict[tuple, float]) -> None:
+def paired_ratio(num: list[float], den: list[float], runs: int = 1) -> str:
+    """Median and quartiles of the per-round ratios num / (runs * den): the two ran in the same round,
+    seconds apart, so a load change that spans rounds cancels in each ratio (the column beside the ratio
+    of medians, to show how much of a difference is the machine's drift)."""
+    ratios = sorted(a / (runs * b) for a, b in zip(num, den, strict=True))
+    if len(ratios) < 4:
+        return f"{statistics.median(ratios):.3f}"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.3f} [{q1:.3f}-{q3:.3f}]"
+
+
+def print_table(rows: list[Row], samples: dict[tuple, list[float]]) -> None:
+    t = {k: statistics.median(v) for k, v in samples.items()}
     print("\n| variant | fxadapt ORT / fxadapt base ORT | reference eager / its base | speed-up over reference eager "
-          "| fxadapt ms | reference ms |")
-    print("|---|---|---|---|---|---|")
+          "| fxadapt ms | reference ms | fxadapt / base per round: median [quartiles] |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         if row.missing:
-            print(f"| {row.label} | not available: {row.missing} | | | | |")
+            print(f"| {row.label} | not available: {row.missing} | | | | | |")
             continue
         fx, fx_base, ref, ref_base = row.keys()
         runs = BASE_RUNS.get(row.variant, 1)
         ref_ratio = "—" if row.variant in REFERENCE_OF else f"{t[ref] / (runs * t[ref_base]):.3f}"
         print(f"| {row.label} | {t[fx] / (runs * t[fx_base]):.3f} | {ref_ratio} | {t[ref] / t[fx]:.2f}x "
-              f"| {t[fx] * 1e3:.2f} | {t[ref] * 1e3:.2f} |")
+              f"| {t[fx] * 1e3:.2f} | {t[ref] * 1e3:.2f} | {paired_ratio(samples[fx], samples[fx_base], runs)} |")
     for shape in sorted({(r.batch, r.seq) for r in rows}):
         fx_base, ref_base = ("fx", "base", *shape), ("ref", "base", *shape)
         if fx_base in t and ref_base in t:
