@@ -64,6 +64,14 @@ def _max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
+def _folded_error(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    """Max abs error relative to the outputs' scale (1 where they are smaller): the fold reassociates float32 sums,
+    so its error grows with the magnitudes the adapters are drawn at (outputs up to ~3 here: 1.1e-5 abs on an AVX-512
+    CPU, under 1e-5 on AVX2), while a wrong fold is off by > 1e-3."""
+    scale = max(1.0, max(x.abs().max().item() for x in before))
+    return _max_error(before, after) / scale
+
+
 @pytest.fixture(scope="module")
 def fused():
     """Fuse(a: r=2, b: r=4 with a learned per-channel scaling) on the tiny BERT, adapters drawn large enough
@@ -103,7 +111,7 @@ def test_folded_equals_unfolded_for_every_option(fused, values):
     assert fold_fusion(gm).count == 2  # one fusion per layer (the FFN residual site)
     assert all(isinstance(gm.get_submodule(n.target).adapter_fusion_layer["a,b"], FoldedFusion) for n in _sites(gm))
     after = _run(gm, inputs)
-    assert _max_error(before, after) <= 1e-5
+    assert _folded_error(before, after) <= 1e-5
     # Not a vacuous comparison: the fusion changes the output (a uniform mix of the adapters would not match).
     _set(gm, _sites(gm)[0], originals[_sites(gm)[0].target])
     assert _max_error(before, _run(gm, inputs)) > 1e-3
@@ -118,7 +126,7 @@ def test_fresh_value_initialized_fusion_folds(fused):
     assert originals[_sites(gm)[0].target].adapter_fusion_layer["a,b"].config["value_initialized"]
     before = _run(gm, inputs)
     assert fold_fusion(gm).count == 2
-    assert _max_error(before, _run(gm, inputs)) <= 1e-5
+    assert _folded_error(before, _run(gm, inputs)) <= 1e-5
     for node in _sites(gm):  # metadata kept and the fold recorded; the unfolded module left as it was
         assert node.meta.get("nn_module_stack") and node.meta[meta.ORIGIN]["pass"] == "lower_composition"
         assert {"adapter": "a,b", "method": "fusion", "pass": "fold_fusion"} in node.meta[meta.MERGED]
@@ -147,7 +155,7 @@ def test_down_projections_merge_only_when_plain_linear(adapters, merged, tails):
     assert count == len(folded) >= 2 and all(isinstance(f, FoldedFusion) for f in folded)
     assert all(f.merges_down is merged for f in folded)
     assert all(len(f.down_tails) == tails for f in folded if merged)
-    assert _max_error(before, _run(gm, inputs)) <= 1e-5
+    assert _folded_error(before, _run(gm, inputs)) <= 1e-5
 
 
 def test_refusals_are_recorded_and_leave_the_fusion(fused):
